@@ -1,0 +1,31 @@
+# Two commands: `make demo` and `make test`. Each creates .venv, installs the CPU build of torch first
+# (pinned, so pip never pulls the multi-GB CUDA build on a CPU machine), then this package.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean install
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/minirlhf demo --config configs/rlhf.yaml
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check minirlhf tests bench
+	$(PY) -m pytest tests
+
+bench: $(STAMP)
+	$(PY) bench/generate.py
+
+clean:
+	rm -rf runs .pytest_cache

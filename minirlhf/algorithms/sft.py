@@ -1,0 +1,137 @@
+"""Pretraining and supervised fine-tuning: next-token cross-entropy on the tokens that should be learned.
+
+Pretraining packs documents into fixed-length blocks and learns every token. SFT renders conversations
+with the chat template and learns only assistant tokens (content + the `<|im_end|>` that ends each turn):
+the user's words and the template headers are context, not targets.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..config import field
+from ..data.batching import ExampleOrder, pack, pad_right
+from ..data.formats import load_pretrain, load_prompts, load_sft
+from ..eval import task_accuracy
+from ..logprobs import gather_logprobs
+from ..model import MiniMindLM, load_policy, preset
+from ..tokenizer import Tokenizer
+from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
+
+
+def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """mean over {t : loss_mask[t+1] = 1} of -log p(ids[t+1] | ids[:t+1]); logits (B, T, V)."""
+    mask = loss_mask[:, 1:].float()
+    nll = -gather_logprobs(logits[:, :-1], input_ids[:, 1:])
+    return (nll * mask).sum() / mask.sum().clamp(min=1)
+
+
+@dataclass
+class LMConfig(TrainConfig):
+    """Pretraining (`mode: pretrain`) or SFT (`mode: sft`)."""
+
+    mode: Literal["pretrain", "sft"] = field("sft", "pretrain: packed plain text; sft: chat, assistant tokens")
+    model: str = field("", "model dir to start from; empty = a new model from `preset`")
+    preset: str = field("tiny", "model size for a new model: tiny | mini | base")
+    tokenizer: str = field("", "tokenizer dir; empty = the one saved with `model`")
+    data: str = field("", "training JSONL ({text} for pretrain, {conversations|messages} for sft)")
+    eval_data: str = field("", "held-out JSONL: {text} (pretrain: loss) or {prompt, answer} (sft: accuracy)")
+    eval_samples: int = field(200, "held-out examples to evaluate", min=1)
+    max_len: int = field(128, "tokens per sequence; longer conversations are truncated (and counted)", min=8)
+    max_new_tokens: int = field(48, "generation budget for held-out accuracy", min=1)
+
+
+class LanguageModeling(Algorithm):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, examples: list[tuple[list[int], list[int]]],
+                 cfg: LMConfig, eval_examples: list | None = None) -> None:
+        self.model, self.tokenizer, self.examples, self.cfg = model, tokenizer, examples, cfg
+        self.modules = {"policy": model}
+        self.order = ExampleOrder(len(examples), cfg.seed)
+        self.eval_examples = eval_examples or []
+        self.device = next(model.parameters()).device
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = []
+        for micro in range(self.cfg.grad_accum):
+            start = (step * self.cfg.grad_accum + micro) * self.cfg.batch_size
+            rows = [self.examples[i] for i in self.order.take(start, self.cfg.batch_size)]
+            out.append(self._collate(rows))
+        return out
+
+    def _collate(self, rows):
+        ids = pad_right([r[0] for r in rows], self.tokenizer.pad_id)
+        loss_mask = pad_right([r[1] for r in rows], 0)
+        attention = pad_right([[1] * len(r[0]) for r in rows], 0)
+        return ids.to(self.device), attention.to(self.device), loss_mask.to(self.device)
+
+    def loss(self, batch):
+        ids, attention, loss_mask = batch
+        out = self.model(ids, attention_mask=attention)
+        loss = lm_loss(out.logits, ids, loss_mask)
+        metrics = {"tokens": float(loss_mask[:, 1:].sum())}
+        if out.aux_loss is not None:
+            metrics["aux_loss"] = float(out.aux_loss.detach())
+            loss = loss + out.aux_loss
+        return loss, metrics
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        if self.cfg.mode == "sft":
+            return {"accuracy": task_accuracy(self.model, self.tokenizer, self.eval_examples,
+                                              self.cfg.max_new_tokens)}
+        losses = [float(self.loss(self._collate(self.eval_examples[i:i + 32]))[0])
+                  for i in range(0, len(self.eval_examples), 32)]
+        return {"loss": sum(losses) / len(losses)}
+
+
+def tokenize_conversations(tokenizer: Tokenizer, conversations, max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(ids, assistant mask) per conversation, truncated to max_len; reports how many were cut or dropped."""
+    examples, truncated, dropped = [], 0, 0
+    for messages in conversations:
+        ids, mask = tokenizer.encode_chat(messages)
+        if len(ids) > max_len:
+            truncated += 1
+            ids, mask = ids[:max_len], mask[:max_len]
+        if sum(mask[1:]) == 0:
+            dropped += 1
+            continue
+        examples.append((ids, mask))
+    if truncated or dropped:
+        print(f"sft: truncated {truncated} conversations to max_len={max_len}; dropped {dropped} left with no "
+              "assistant tokens", file=sys.stderr)
+    return examples
+
+
+def build(cfg: LMConfig) -> LanguageModeling:
+    """Load data, tokenizer and model for a pretrain/SFT run."""
+    if not cfg.data:
+        raise ValueError(f"{cfg.mode}: set `data` to a JSONL file")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
+    if cfg.model:
+        model = load_policy(cfg.model, device)
+    else:
+        model = MiniMindLM(preset(cfg.preset, vocab_size=tokenizer.vocab_size)).to(device)
+    if cfg.mode == "pretrain":
+        blocks = pack([tokenizer.encode(t) for t in load_pretrain(cfg.data)], cfg.max_len, tokenizer.pad_id)
+        examples = [(b, [1] * len(b)) for b in blocks]
+        eval_examples = None
+        if cfg.eval_data:
+            texts = load_pretrain(cfg.eval_data)
+            eval_blocks = pack([tokenizer.encode(t) for t in texts], cfg.max_len, tokenizer.pad_id)
+            eval_examples = [(b, [1] * len(b)) for b in eval_blocks[: cfg.eval_samples]]
+    else:
+        examples = tokenize_conversations(tokenizer, load_sft(cfg.data), cfg.max_len)
+        eval_examples = load_prompts(cfg.eval_data)[: cfg.eval_samples] if cfg.eval_data else None
+    return LanguageModeling(model, tokenizer, examples, cfg, eval_examples)
+
+
+def run(cfg: LMConfig) -> dict[str, float]:
+    algo = build(cfg)
+    return train(algo, cfg, name=cfg.mode)

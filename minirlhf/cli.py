@@ -1,0 +1,146 @@
+"""`minirlhf <stage> --config configs/rlhf.yaml key=value ...`
+
+Training stages read their section of the YAML config; `key=value` overrides win. Utility commands
+(`generate`, `chat`, `export-hf`, `demo`) take flags. Errors a user can fix print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .config import ConfigError, describe, load_stage_config, parse_overrides
+from .data.formats import DataError
+from .stages import STAGES
+from .train.loop import NonFiniteError
+
+DEFAULT_CONFIG = "configs/rlhf.yaml"
+
+
+def _stage_command(stage: str, args: argparse.Namespace) -> int:
+    cls, run = STAGES[stage]
+    if args.help_config:
+        print(f"{stage} options (set in the YAML section `{stage}:` or as key=value):\n{describe(cls)}")
+        return 0
+    config_path = args.config if args.config or not Path(DEFAULT_CONFIG).is_file() else DEFAULT_CONFIG
+    if args.config and not Path(args.config).is_file():
+        raise ConfigError(f"{args.config}: config file not found")
+    cfg = load_stage_config(cls, config_path, stage, parse_overrides(args.overrides))
+    result = run(cfg)
+    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .eval import generate_responses
+    from .generation import SamplingConfig
+    from .model import load_policy
+    from .tokenizer import Tokenizer
+
+    model, tokenizer = load_policy(args.model).eval(), Tokenizer.load(args.model)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    prompts = args.prompt or [line.strip() for line in sys.stdin if line.strip()]
+    responses = generate_responses(model, tokenizer, [[{"role": "user", "content": p}] for p in prompts],
+                                   sampling, seed=args.seed)
+    for prompt, response in zip(prompts, responses):
+        print(f"> {prompt}\n{response}\n")
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from .eval import generate_responses
+    from .generation import SamplingConfig
+    from .model import load_policy
+    from .tokenizer import Tokenizer
+
+    model, tokenizer = load_policy(args.model).eval(), Tokenizer.load(args.model)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    history: list[dict[str, str]] = []
+    print("chat with the model; empty line or Ctrl-D to quit, /reset to clear the history")
+    for turn in range(10**9):
+        try:
+            text = input("you> ").strip()
+        except EOFError:
+            break
+        if not text:
+            break
+        if text == "/reset":
+            history = []
+            continue
+        history.append({"role": "user", "content": text})
+        reply = generate_responses(model, tokenizer, [history], sampling, seed=args.seed + turn)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"bot> {reply}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from .model import MiniMindLM
+    from .model.hf_export import export_hf
+    from .tokenizer import Tokenizer
+
+    model = MiniMindLM.from_pretrained(args.model)
+    tokenizer = Tokenizer.load(args.model)
+    out = export_hf(model, args.out, tokenizer_dir=args.model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    print(f"wrote Hugging Face Llama model to {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.config or DEFAULT_CONFIG, parse_overrides(args.overrides), only=args.stages)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minirlhf", description="Align small language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for stage in STAGES:
+        p = sub.add_parser(stage, help=f"run the {stage} stage")
+        p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG} when present)")
+        p.add_argument("--help-config", action="store_true", help="list this stage's options and exit")
+        p.add_argument("--resume", dest="overrides", action="append_const", const="resume=true",
+                       help="continue from the latest checkpoint in out_dir")
+        p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
+    for name, helptext in (("generate", "sample responses to prompts"), ("chat", "chat in the terminal")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, help="model dir")
+        if name == "generate":
+            p.add_argument("--prompt", action="append", help="a user message (repeatable; default: stdin lines)")
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--temperature", type=float, default=0.7)
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=0.95)
+        p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("export-hf", help="export a native model to Hugging Face Llama format")
+    p.add_argument("--model", required=True, help="native model dir")
+    p.add_argument("--out", required=True, help="output dir")
+    p = sub.add_parser("demo", help="run every stage on the embedded task and print the results table")
+    p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG})")
+    p.add_argument("--stages", nargs="*", help="run only these stages")
+    p.add_argument("overrides", nargs="*", default=[], help="key=value overrides applied to every stage")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.overrides = [o for o in (getattr(args, "overrides", None) or []) if o is not None]
+    try:
+        if args.command in STAGES:
+            return _stage_command(args.command, args)
+        return {"generate": _generate, "chat": _chat, "export-hf": _export_hf, "demo": _demo}[args.command](args)
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError) as e:
+        print(f"minirlhf: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # invalid model files, tokenizer mismatches and similar user-fixable problems
+        print(f"minirlhf: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minirlhf: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Configs: dataclasses whose fields carry their help text, filled from YAML plus `key=value` overrides.
+
+`configs/rlhf.yaml` has one section per stage; `load_stage_config(StageConfig, path, "sft", overrides)`
+reads a section, applies overrides (values parsed as YAML, so `lr=1e-4` is a float and `bf16=true` a
+bool), checks types and ranges, and rejects unknown keys with the list of valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix: unknown key, wrong type, out-of-range value."""
+
+
+def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors argparse
+    """A dataclass field with help text (shown by `minirlhf <stage> --help`)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    return dataclasses.field(default=default, metadata={"help": help, **kwargs})
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['lr=1e-4', 'bf16=true'] -> {'lr': 0.0001, 'bf16': True}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value")
+        out[key.strip()] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def _check_type(name: str, value: Any, annotation: Any) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(name, value, option)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if origin is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            raise ConfigError(f"{name}: expected a {origin.__name__}, got {value!r}")
+        return value
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool):
+        if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
+            raise ConfigError(f"{name}: expected {annotation.__name__}, got {value!r}")
+        return value
+    return value
+
+
+def build_config(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
+    """Instantiate dataclass `cls` from `values`, checking keys, types and declared ranges."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+    checked = {}
+    for key, value in values.items():
+        value = _check_type(f"{where}.{key}", value, hints[key])
+        meta = fields[key].metadata
+        if value is not None and "min" in meta and value < meta["min"]:
+            raise ConfigError(f"{where}.{key}: {value!r} is below the minimum {meta['min']}")
+        if value is not None and "gt" in meta and value <= meta["gt"]:
+            raise ConfigError(f"{where}.{key}: {value!r} must be greater than {meta['gt']}")
+        checked[key] = value
+    return cls(**checked)
+
+
+def load_stage_config(cls: type[T], path: str | Path | None, stage: str, overrides: dict[str, Any]) -> T:
+    """Read section `stage` of the YAML at `path` (if any), apply overrides, build `cls`."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            document = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(document, dict):
+            raise ConfigError(f"{path}: expected a mapping of stage sections")
+        section = document.get(stage) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: section {stage!r} must be a mapping")
+        values.update(section)
+    values.update(overrides)
+    return build_config(cls, values, where=stage)
+
+
+def describe(cls: type) -> str:
+    """One line per field: name, default, help."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""The rollout engine: batched sampling with a static KV cache.
+
+Prompts are left-padded so every row's next token sits in the same column; one forward of the whole
+prompt fills the cache, then each step feeds one token per row. Per step there is a fixed number of tensor
+ops whatever the batch size: no Python loop over sequences. A row that emitted EOS keeps being fed (the
+batch stays rectangular) but its later tokens are padding with mask 0.
+
+Returned log-probs are those of the sampled tokens under softmax(logits / temperature), before top-k /
+top-p filtering, which is what `completion_logprobs(..., temperature=T)` recomputes for the same ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..logprobs import gather_logprobs
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+
+
+@dataclass
+class Rollout:
+    """A batch of prompts and their sampled completions (all tensors on the model's device)."""
+
+    prompt_ids: torch.Tensor  # (B, P), left-padded
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, N), right-padded with pad_id
+    completion_mask: torch.Tensor  # (B, N), 1 on sampled tokens up to and including EOS
+    logprobs: torch.Tensor  # (B, N), 0 where completion_mask is 0
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """prompt + completion, (B, P + N): feed this to `completion_logprobs`."""
+        return torch.cat([self.prompt_ids, self.completion_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
+
+    @property
+    def full_completion_mask(self) -> torch.Tensor:
+        """(B, P + N) mask that is 1 on completion tokens only."""
+        return torch.cat([torch.zeros_like(self.prompt_mask), self.completion_mask], dim=1)
+
+    def completions(self) -> list[list[int]]:
+        lengths = self.completion_mask.sum(1).tolist()
+        return [row[:n] for row, n in zip(self.completion_ids.tolist(), lengths)]
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) with every row right-aligned."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the top-p nucleus to -inf (Holtzman et al., 2019)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the token that crosses p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, eos_id: int,
+             pad_id: int, generator: torch.Generator | None = None) -> Rollout:
+    """Sample completions for token-id prompts. Deterministic for a given `generator` seed."""
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    batch, prompt_len = prompt_ids.shape
+    steps = sampling.max_new_tokens
+    cache = model.new_cache(batch, prompt_len + steps)
+    mask = torch.cat([prompt_mask, torch.ones(batch, steps, dtype=prompt_mask.dtype, device=device)], 1)
+    positions = prompt_mask.sum(1, keepdim=True) - 1
+    completion = torch.full((batch, steps), pad_id, dtype=torch.long, device=device)
+    completion_mask = torch.zeros((batch, steps), dtype=torch.long, device=device)
+    logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+
+    logits = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    for t in range(steps):
+        logits = logits.float()
+        if sampling.temperature > 0:
+            scaled = logits / sampling.temperature
+            probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        else:
+            scaled = logits
+            token = logits.argmax(-1)
+        alive = ~finished
+        token = torch.where(alive, token, pad_id)
+        completion[:, t] = token
+        completion_mask[:, t] = alive
+        logprobs[:, t] = gather_logprobs(scaled, token) * alive
+        finished = finished | (token == eos_id)
+        if t + 1 == steps or (t % 8 == 7 and bool(finished.all())):
+            break
+        positions = positions + 1
+        logits = model(token[:, None], attention_mask=mask[:, : prompt_len + t + 1], position_ids=positions,
+                       cache=cache, logits_to_keep=1).logits[:, -1]
+    width = int(completion_mask.sum(1).max().item()) if batch else 0
+    return Rollout(prompt_ids, prompt_mask, completion[:, :width], completion_mask[:, :width],
+                   logprobs[:, :width])

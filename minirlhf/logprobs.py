@@ -1,0 +1,47 @@
+"""The one log-prob helper every algorithm uses.
+
+Convention: `logits[:, :-1]` predicts `input_ids[:, 1:]`. Log-probs are gathered in float32 (a bf16
+log-softmax loses the precision that ratios and KL terms need). Everything returned is aligned with
+`input_ids[:, 1:]`, and the mask is `completion_mask[:, 1:]`: 1 on response tokens (including the EOS
+that ends a response), 0 on prompt and padding, so those never count.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / T)[targets], in float32. logits (..., V), targets (...) -> (...)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        completion_mask: torch.Tensor, temperature: float = 1.0,
+                        return_entropy: bool = False):
+    """Per-token log-probs of the completion tokens of prompt+completion sequences.
+
+    Returns (logps, mask[, entropy]), each (batch, T-1): logps[i, t] = log pi(ids[i, t+1] | ids[i, :t+1]),
+    zeroed where mask = completion_mask[:, 1:] is 0. Padding may sit on either side.
+    """
+    logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1]
+    mask = completion_mask[:, 1:].to(torch.float32)
+    logps = gather_logprobs(logits, input_ids[:, 1:], temperature) * mask
+    if not return_entropy:
+        return logps, mask
+    with torch.no_grad():
+        log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+        entropy = -(log_p.exp() * log_p).sum(-1) * mask
+    return logps, mask, entropy
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of `values` where mask is 1 (over all elements, or along `dim`); 0 where nothing is masked in."""
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)

@@ -1,0 +1,260 @@
+"""The native MiniMind decoder, with a static KV cache for batched generation.
+
+Parameter names match Hugging Face's Llama (`layers.0.self_attn.q_proj`, ...) so exporting is a rename.
+RoPE uses the rotate-half convention (also Llama's). Attention masks are boolean (batch, 1, query, key):
+causal, minus padded keys, plus the diagonal so a padded query row is never empty (no NaNs under left
+padding). Position ids default to `cumsum(attention_mask) - 1`, which keeps positions right for left-
+and right-padded batches alike.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .config import ModelConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (Zhang & Sennrich, 2019)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_len, head_dim) for rotary embeddings (Su et al., 2021)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (batch, kv_heads, max_len, head_dim) each.
+
+    All rows advance together, so one integer `length` says how many positions are filled.
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.max_len = max_len
+        self.length = 0
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                layer_cache: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if layer_cache is not None:
+            cache_k, cache_v, start = layer_cache
+            cache_k[:, :, start:start + t] = k
+            cache_v[:, :, start:start + t] = v
+            k, v = cache_k[:, :, :start + t], cache_v[:, :, :start + t]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer, 2020)."""
+
+    def __init__(self, hidden: int, intermediate: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MoEFeedForward(nn.Module):
+    """Top-k routed SwiGLU experts with the Switch load-balancing loss E * sum_e f_e * P_e
+    (Fedus et al., 2021): f_e = share of routed slots given to expert e, P_e = its mean router probability."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.top_k = config.experts_per_token
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = nn.ModuleList(
+            FeedForward(config.hidden_size, config.intermediate_size) for _ in range(config.num_experts)
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = self.router(flat).float().softmax(-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):  # a loop over experts, never over tokens
+            token, slot = (chosen == e).nonzero(as_tuple=True)
+            if token.numel():
+                out.index_add_(0, token, expert(flat[token]) * weights[token, slot, None])
+        n_experts = len(self.experts)
+        share = F.one_hot(chosen, n_experts).float().sum((0, 1)) / chosen.numel()
+        aux = n_experts * (share * probs.mean(0)).sum()
+        return out.view_as(x), aux
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MoEFeedForward(config) if config.use_moe else FeedForward(
+            config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, cos, sin, mask, layer_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache)
+        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        if isinstance(mlp_out, tuple):
+            return x + mlp_out[0], mlp_out[1]
+        return x + mlp_out, None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None
+    hidden: torch.Tensor | None = None  # final-norm hidden states, when asked for
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (already weighted), else None
+
+
+def attention_mask_4d(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
+                      device: torch.device) -> torch.Tensor | None:
+    """Boolean (batch, 1, query, key) mask: causal & key not padded, | the diagonal. None when plain causal."""
+    if attention_mask is None and past_len == 0:
+        return None
+    key_len = past_len + query_len
+    q_pos = torch.arange(past_len, key_len, device=device)[:, None]
+    k_pos = torch.arange(key_len, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None]
+    if attention_mask is not None:
+        mask = (mask & attention_mask[:, None, :key_len].bool()) | (k_pos == q_pos)[None]
+    return mask[:, None]
+
+
+class MiniMindLM(nn.Module):
+    """Decoder-only LM. `forward` returns logits for the last `logits_to_keep` positions (0 = all)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                logits_to_keep: int = 0, return_hidden: bool = False, return_logits: bool = True
+                ) -> ModelOutput:
+        """attention_mask covers cache + new tokens (batch, past + T), 1 = real token."""
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if past + t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {past + t} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
+            else:
+                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
+        mask = attention_mask_4d(attention_mask, t, past, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        aux_total = None
+        for i, layer in enumerate(self.layers):
+            layer_cache = (cache.keys[i], cache.values[i], past) if cache is not None else None
+            x, aux = layer(x, cos, sin, mask, layer_cache)
+            if aux is not None:
+                aux_total = aux if aux_total is None else aux_total + aux
+        if cache is not None:
+            cache.length = past + t
+        hidden = self.norm(x)
+        logits = None
+        if return_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if aux_total is not None:
+            aux_total = self.config.aux_loss_coef * aux_total / len(self.layers)
+        return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, aux_loss=aux_total)
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        p = next(self.parameters())
+        return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json + model.safetensors (tied weights stored once)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.save(directory / CONFIG_FILE)
+        save_model(self, str(directory / WEIGHTS_FILE))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MiniMindLM:
+        directory = Path(directory)
+        if not (directory / CONFIG_FILE).is_file() or not (directory / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"{directory}: not a minirlhf model dir (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        try:
+            config = ModelConfig.load(directory / CONFIG_FILE)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{directory / CONFIG_FILE}: invalid model config ({e})") from e
+        model = cls(config)
+        try:
+            load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
+        except Exception as e:  # safetensors raises several types for truncated or foreign files
+            raise ValueError(f"{directory / WEIGHTS_FILE}: cannot load weights ({e})") from e
+        return model.to(device)

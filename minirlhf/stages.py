@@ -1,0 +1,47 @@
+"""Every CLI stage as (config dataclass, run function). Algorithms register here, nowhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .algorithms import sft
+from .config import field
+from .data.formats import load_pretrain
+from .data.task import write_task_data
+from .tokenizer import train_tokenizer
+
+
+@dataclass
+class DataConfig:
+    out_dir: str = field("runs/demo/data", "where the generated JSONL files go")
+    seed: int = field(0, "generator seed")
+    n_train: int = field(4000, "training problems", min=1)
+    n_heldout: int = field(200, "held-out problems (never seen in training)", min=1)
+
+
+def run_data(cfg: DataConfig) -> dict[str, Any]:
+    paths = write_task_data(cfg.out_dir, seed=cfg.seed, n_train=cfg.n_train, n_heldout=cfg.n_heldout)
+    return {"files": len(paths)}
+
+
+@dataclass
+class TokenizerConfig:
+    data: str = field("runs/demo/data/pretrain.jsonl", "pretraining JSONL ({text}) to learn merges from")
+    vocab_size: int = field(512, "vocabulary size including 3 special tokens", min=260)
+    out_dir: str = field("runs/demo/tokenizer", "where tokenizer.json goes")
+
+
+def run_tokenizer(cfg: TokenizerConfig) -> dict[str, Any]:
+    tokenizer = train_tokenizer(load_pretrain(cfg.data), cfg.vocab_size)
+    tokenizer.save(Path(cfg.out_dir))
+    return {"vocab_size": tokenizer.vocab_size}
+
+
+STAGES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
+    "data": (DataConfig, run_data),
+    "tokenizer": (TokenizerConfig, run_tokenizer),
+    "pretrain": (sft.LMConfig, sft.run),
+    "sft": (sft.LMConfig, sft.run),
+}

@@ -1,0 +1,76 @@
+"""Atomic checkpoints: write to a temporary directory, then rename, so a crash never leaves a half-written
+checkpoint where `--resume` would find it.
+
+    out_dir/checkpoints/step_000100/
+        policy/ (model.safetensors, config.json, tokenizer.json ...)   one folder per trainable module
+        trainer_state.pt   optimizer, step, RNG states, algorithm state; loaded with weights_only=True
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "trainer_state.pt"
+_PREFIX = "step_"
+
+
+def atomic_write_dir(final: Path, write: Any) -> None:
+    """Call `write(tmp_dir)` then move tmp_dir to `final` (replacing an existing one)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def checkpoint_dirs(out_dir: Path) -> list[Path]:
+    """Complete checkpoints under out_dir/checkpoints, oldest first (temporary dirs are ignored)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def checkpoint_path(out_dir: Path, step: int) -> Path:
+    return Path(out_dir) / "checkpoints" / f"{_PREFIX}{step:06d}"
+
+
+def prune(out_dir: Path, keep: int) -> None:
+    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_state(directory: Path, state: dict[str, Any]) -> None:
+    torch.save(state, Path(directory) / STATE_FILE)
+
+
+def load_state(directory: Path) -> dict[str, Any]:
+    """Trainer state, unpickled with weights_only=True: tensors and plain containers only, no code."""
+    path = Path(directory) / STATE_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: refusing to load trainer state ({str(e).splitlines()[0]})") from e

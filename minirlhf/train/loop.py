@@ -1,0 +1,250 @@
+"""The one training loop every stage uses.
+
+An `Algorithm` says how a step's micro-batches are made (from a dataset, or from fresh rollouts) and
+how a micro-batch becomes a loss; this loop owns everything else: AdamW, linear warmup + cosine decay,
+gradient accumulation, clipping, optional bf16 autocast, non-finite-step guard, periodic evaluation,
+atomic checkpoints, exact `resume`, `metrics.jsonl`, a progress bar, optional TensorBoard.
+
+Exact resume works because batches are a pure function of (seed, step): data order comes from a seeded
+permutation per epoch, rollouts from a generator seeded by the step; RNG states, the optimizer and any
+algorithm state (e.g. a rollout buffer or a value tracker) are checkpointed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import field
+from . import checkpoint as ckpt
+
+
+@dataclass
+class TrainConfig:
+    """Options of the shared loop; every stage config extends this."""
+
+    out_dir: str = field("runs/stage", "checkpoints, metrics.jsonl, curves.png and final/ go here")
+    steps: int = field(100, "optimizer steps", min=1)
+    batch_size: int = field(16, "examples per micro-batch", min=1)
+    grad_accum: int = field(1, "micro-batches per optimizer step", min=1)
+    lr: float = field(1e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = field(0.1, "cosine schedule decays to lr * min_lr_ratio", min=0)
+    warmup_steps: int = field(0, "linear warmup steps", min=0)
+    weight_decay: float = field(0.0, "AdamW weight decay", min=0)
+    max_grad_norm: float = field(1.0, "clip the global gradient norm (0 = off)", min=0)
+    bf16: bool = field(False, "bf16 autocast for forward passes (log-prob math stays float32)")
+    seed: int = field(0, "seed for init, data order and sampling")
+    device: str = field("auto", "auto | cpu | cuda | cuda:N")
+    eval_every: int = field(0, "evaluate every N steps (0 = only at the end)", min=0)
+    save_every: int = field(0, "checkpoint every N steps (0 = only the final model)", min=0)
+    keep_checkpoints: int = field(2, "how many step checkpoints to keep", min=1)
+    resume: bool = field(False, "continue from the latest checkpoint in out_dir")
+    max_bad_steps: int = field(5, "abort after this many non-finite steps in a row", min=1)
+    report_to: str = field("none", "none | tensorboard | wandb (when installed)")
+    progress: bool = field(True, "show a progress bar")
+
+
+class Algorithm:
+    """What a training method provides to the loop. Subclasses set `modules` and implement two methods."""
+
+    modules: dict[str, nn.Module]  # trainable modules, checkpointed by name; the first is the result
+
+    def micro_batches(self, step: int) -> list[Any]:
+        """The micro-batches of optimizer step `step` (a pure function of step and saved state)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        """(loss to minimise, metrics) for one micro-batch."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        return {}
+
+    def save(self, name: str, directory: Path) -> None:
+        """Write module `name` as a loadable model dir (weights, config, tokenizer)."""
+        self.modules[name].save_pretrained(directory)
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_lambda(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr: linear warmup to 1, then cosine down to min_lr_ratio at cfg.steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a NaN/inf loss or gradient."""
+
+
+class MetricsLog:
+    """Appends one JSON object per line to metrics.jsonl; mirrors scalars to TensorBoard/W&B if asked."""
+
+    def __init__(self, out_dir: Path, report_to: str, resume_step: int | None, config: dict) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        if resume_step is None:
+            self.path.write_text("")
+        elif self.path.exists():  # drop rows written after the checkpoint we resume from
+            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in kept))
+        self.writer = self.wandb = None
+        if report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed; logging to metrics.jsonl only", file=sys.stderr)
+        elif report_to == "wandb":
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project="minirlhf", dir=str(out_dir), config=config)
+            except ImportError:
+                print("wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+
+def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for r in rows for k in r}
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
+
+
+def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, float]:
+    """Run `cfg.steps` optimizer steps of `algo`; returns the final evaluation metrics."""
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device_type = resolve_device(cfg.device).type
+    params = [p for m in algo.modules.values() for p in m.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr, betas=(0.9, 0.95),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
+
+    start, bad_steps = 0, 0
+    latest = ckpt.checkpoint_dirs(out_dir)[-1:] if cfg.resume else []
+    if cfg.resume and not latest:
+        print(f"{name}: no checkpoint in {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
+    if latest:
+        state = ckpt.load_state(latest[0])
+        for module_name, module in algo.modules.items():
+            load_model(module, str(latest[0] / module_name / "model.safetensors"), strict=True)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        random.setstate(state["rng_python"])
+        algo.load_state_dict(state["algorithm"])
+        start, bad_steps = state["step"], state["bad_steps"]
+        print(f"{name}: resumed from {latest[0]} at step {start}", file=sys.stderr)
+    log = MetricsLog(out_dir, cfg.report_to, start if latest else None, asdict(cfg))
+
+    def save_checkpoint(step: int) -> None:
+        def write(tmp: Path) -> None:
+            for module_name in algo.modules:
+                algo.save(module_name, tmp / module_name)
+            ckpt.save_state(tmp, {
+                "step": step, "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng_torch": torch.get_rng_state(),
+                "rng_python": random.getstate(), "algorithm": algo.state_dict(),
+            })
+
+        ckpt.atomic_write_dir(ckpt.checkpoint_path(out_dir, step), write)
+        ckpt.prune(out_dir, cfg.keep_checkpoints)
+
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not cfg.progress,
+               dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
+    eval_metrics: dict[str, float] = {}
+    for step in bar:
+        for m in algo.modules.values():
+            m.train()
+        batches = algo.micro_batches(step)
+        rows = []
+        optimizer.zero_grad(set_to_none=True)
+        for batch in batches:
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                loss, metrics = algo.loss(batch)
+            (loss / len(batches)).backward()
+            rows.append({"loss": float(loss.detach()), **metrics})
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e30)
+        metrics = _mean_metrics(rows)
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
+            bad_steps += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.log(step + 1, {"skipped_nonfinite": 1.0, "bad_steps": float(bad_steps)})
+            if bad_steps >= cfg.max_bad_steps:
+                raise NonFiniteError(
+                    f"{name}: {bad_steps} steps in a row had a non-finite loss or gradient (last at step "
+                    f"{step + 1}); stopping. The last good checkpoint is in {out_dir / 'checkpoints'}; "
+                    "try a lower lr or enable max_grad_norm."
+                )
+            scheduler.step()
+            continue
+        bad_steps = 0
+        optimizer.step()
+        scheduler.step()
+        metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), elapsed_s=time.time() - t0)
+        log.log(step + 1, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+        done = step + 1
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+            eval_metrics = _evaluate(algo)
+            log.log(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        if cfg.save_every and done % cfg.save_every == 0:
+            save_checkpoint(done)
+    bar.close()
+    eval_metrics = _evaluate(algo)
+    log.log(cfg.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
+    first = next(iter(algo.modules))
+    ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp))
+    return eval_metrics
+
+
+def _evaluate(algo: Algorithm) -> dict[str, float]:
+    for m in algo.modules.values():
+        m.eval()
+    with torch.no_grad():
+        return algo.evaluate()
