@@ -1,4 +1,5 @@
-"""Evaluation on held-out data: task accuracy by greedy decoding (the embedded task, GSM8K-style answers)."""
+"""Evaluation on held-out data: task accuracy by greedy decoding (embedded task, GSM8K-style answers),
+sequence log-probs of preference pairs (implicit DPO rewards), reward-model pair accuracy."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import torch
 from torch import nn
 
 from .data.formats import Message, PromptExample
+from .data.pairs import collate_pairs
 from .data.task import is_correct
 from .generation import SamplingConfig, generate
+from .logprobs import sequence_logprobs
 from .tokenizer import Tokenizer
 
 
@@ -36,3 +39,32 @@ def task_accuracy(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Pro
                                    batch_size=batch_size)
     model.train(was_training)
     return sum(is_correct(r, e.answer) for r, e in zip(responses, examples)) / max(1, len(examples))
+
+
+@torch.no_grad()
+def pair_sequence_logprobs(model: nn.Module, pairs, pad_id: int, batch_size: int = 32
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths) for TokenizedPairs, batched, no grad."""
+    device = next(model.parameters()).device
+    out: list[tuple[torch.Tensor, ...]] = []
+    for i in range(0, len(pairs), batch_size):
+        rows = pairs[i:i + batch_size]
+        ids, attention, completion = collate_pairs(rows, pad_id, device)
+        logps, lengths = sequence_logprobs(model, ids, attention, completion)
+        n = len(rows)
+        out.append((logps[:n], logps[n:], lengths[:n], lengths[n:]))
+    return tuple(torch.cat(parts) for parts in zip(*out))  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def reward_model_accuracy(reward_model: nn.Module, pairs, pad_id: int, batch_size: int = 32) -> dict[str, float]:
+    """Held-out share of pairs with r(chosen) > r(rejected), and the mean margin r(chosen) - r(rejected)."""
+    device = next(reward_model.parameters()).device
+    margins = []
+    for i in range(0, len(pairs), batch_size):
+        rows = pairs[i:i + batch_size]
+        ids, attention, _ = collate_pairs(rows, pad_id, device)
+        scores = reward_model.score(ids, attention)
+        margins.append(scores[: len(rows)] - scores[len(rows):])
+    margin = torch.cat(margins)
+    return {"pref_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}

@@ -45,3 +45,10 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     if dim is None:
         return (values * mask).sum() / mask.sum().clamp(min=1)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of completion-token log-probs, number of completion tokens), each (batch,)."""
+    logps, mask = completion_logprobs(model, input_ids, attention_mask, completion_mask)
+    return logps.sum(-1), mask.sum(-1)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .algorithms import sft
+from .algorithms import dpo, rm, sft
 from .config import field
 from .data.formats import load_pretrain
 from .data.task import write_task_data
@@ -44,4 +45,6 @@ STAGES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "tokenizer": (TokenizerConfig, run_tokenizer),
     "pretrain": (sft.LMConfig, sft.run),
     "sft": (sft.LMConfig, sft.run),
+    "rm": (rm.RMConfig, rm.run),
+    "dpo": (dpo.DPOConfig, dpo.run),
 }

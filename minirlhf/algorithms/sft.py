@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from ..config import field
-from ..data.batching import ExampleOrder, pack, pad_right
+from ..data.batching import StepBatches, pack, pad_right
 from ..data.formats import load_pretrain, load_prompts, load_sft
 from ..eval import task_accuracy
 from ..logprobs import gather_logprobs
@@ -50,17 +50,13 @@ class LanguageModeling(Algorithm):
                  cfg: LMConfig, eval_examples: list | None = None) -> None:
         self.model, self.tokenizer, self.examples, self.cfg = model, tokenizer, examples, cfg
         self.modules = {"policy": model}
-        self.order = ExampleOrder(len(examples), cfg.seed)
+        self.batches = StepBatches(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self.num_examples = len(examples)
         self.eval_examples = eval_examples or []
         self.device = next(model.parameters()).device
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        out = []
-        for micro in range(self.cfg.grad_accum):
-            start = (step * self.cfg.grad_accum + micro) * self.cfg.batch_size
-            rows = [self.examples[i] for i in self.order.take(start, self.cfg.batch_size)]
-            out.append(self._collate(rows))
-        return out
+        return [self._collate([self.examples[i] for i in idx]) for idx in self.batches.indices(step)]
 
     def _collate(self, rows):
         ids = pad_right([r[0] for r in rows], self.tokenizer.pad_id)

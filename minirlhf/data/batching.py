@@ -50,3 +50,15 @@ def pack(token_lists: Sequence[Sequence[int]], block_len: int, separator: int) -
         stream.extend(tokens)
         stream.append(separator)
     return [stream[i:i + block_len] for i in range(0, len(stream) - block_len + 1, block_len)]
+
+
+class StepBatches:
+    """Example indices for each optimizer step: `grad_accum` micro-batches of `batch_size` from the stream."""
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int) -> None:
+        self.order = ExampleOrder(n, seed)
+        self.batch_size, self.grad_accum = batch_size, grad_accum
+
+    def indices(self, step: int) -> list[list[int]]:
+        first = step * self.grad_accum
+        return [self.order.take((first + m) * self.batch_size, self.batch_size) for m in range(self.grad_accum)]

@@ -17,7 +17,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class TrainConfig:
 
     out_dir: str = field("runs/stage", "checkpoints, metrics.jsonl, curves.png and final/ go here")
     steps: int = field(100, "optimizer steps", min=1)
+    epochs: float = field(0.0, "if > 0: passes over the training data, overriding `steps`", min=0)
     batch_size: int = field(16, "examples per micro-batch", min=1)
     grad_accum: int = field(1, "micro-batches per optimizer step", min=1)
     lr: float = field(1e-3, "peak learning rate", gt=0)
@@ -59,6 +60,7 @@ class Algorithm:
     """What a training method provides to the loop. Subclasses set `modules` and implement two methods."""
 
     modules: dict[str, nn.Module]  # trainable modules, checkpointed by name; the first is the result
+    num_examples: int | None = None  # dataset size, for `epochs`
 
     def micro_batches(self, step: int) -> list[Any]:
         """The micro-batches of optimizer step `step` (a pure function of step and saved state)."""
@@ -152,6 +154,8 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, float]:
     """Run `cfg.steps` optimizer steps of `algo`; returns the final evaluation metrics."""
+    if cfg.epochs > 0 and algo.num_examples:
+        cfg = replace(cfg, steps=max(1, math.ceil(cfg.epochs * algo.num_examples / (cfg.batch_size * cfg.grad_accum))))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device_type = resolve_device(cfg.device).type

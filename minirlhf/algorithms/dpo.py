@@ -1,0 +1,173 @@
+"""Direct preference optimisation and its family, one pure loss with a `loss_type` switch.
+
+With h = [log π(y_c|x) - log π_ref(y_c|x)] - [log π(y_r|x) - log π_ref(y_r|x)] (summed token log-probs):
+- sigmoid  -log σ(βh)                                        DPO, Rafailov et al., 2023
+           with label_smoothing ε: -(1-ε) log σ(βh) - ε log σ(-βh)     cDPO, Mitchell, 2023
+- robust   [-(1-ε) log σ(βh) + ε log σ(-βh)] / (1 - 2ε)      rDPO, Chowdhury et al., 2024
+- hinge    max(0, 1 - βh)                                    SLiC-HF, Zhao et al., 2023
+- ipo      (h - 1/(2β))², log-probs averaged over tokens     IPO, Azar et al., 2023 (as TRL)
+- simpo    -log σ(β Δ - γ), Δ = mean-token log π(y_c) - mean-token log π(y_r), no reference
+                                                             SimPO, Meng et al., 2024
+Implicit rewards β (log π - log π_ref) are logged as rewards/chosen, rewards/rejected.
+
+Reference log-probs are computed once, in batched no-grad passes before training (with the initial
+policy when no separate reference is given), so no reference model is held during training; set
+`precompute_ref: false` to keep a live frozen reference instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ..config import field
+from ..data.batching import StepBatches
+from ..data.formats import load_prompts
+from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
+from ..eval import pair_sequence_logprobs, task_accuracy
+from ..logprobs import sequence_logprobs
+from ..model import load_policy
+from ..tokenizer import Tokenizer
+from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
+
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+
+
+def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None,
+                    ref_rejected_logps: torch.Tensor | None, chosen_lengths: torch.Tensor,
+                    rejected_lengths: torch.Tensor, beta: float, loss_type: str = "sigmoid",
+                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair losses and implicit rewards (chosen, rejected) from summed sequence log-probs (batch,)."""
+    if loss_type in ("ipo", "simpo"):
+        chosen_logps, rejected_logps = chosen_logps / chosen_lengths, rejected_logps / rejected_lengths
+    if loss_type == "simpo":
+        losses = -F.logsigmoid(beta * (chosen_logps - rejected_logps) - simpo_gamma)
+        return losses, beta * chosen_logps.detach(), beta * rejected_logps.detach()
+    if ref_chosen_logps is None or ref_rejected_logps is None:
+        raise ValueError(f"loss_type {loss_type!r} needs reference log-probs")
+    if loss_type == "ipo":
+        ref_chosen_logps, ref_rejected_logps = ref_chosen_logps / chosen_lengths, ref_rejected_logps / rejected_lengths
+    chosen_ratio = chosen_logps - ref_chosen_logps
+    rejected_ratio = rejected_logps - ref_rejected_logps
+    h = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    if loss_type == "sigmoid":
+        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+    elif loss_type == "robust":
+        losses = (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+    return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    model: str = field("", "policy dir to start from (usually the SFT model)")
+    ref_model: str = field("", "reference policy dir; empty = the starting policy")
+    tokenizer: str = field("", "tokenizer dir; empty = the one saved with `model`")
+    data: str = field("", "preference JSONL: {prompt, chosen, rejected}, message lists, or hh-rlhf transcripts")
+    eval_data: str = field("", "held-out preference JSONL (preference accuracy of the implicit reward)")
+    eval_prompts: str = field("", "held-out {prompt, answer} JSONL (task accuracy by greedy decoding)")
+    eval_samples: int = field(200, "held-out examples to evaluate", min=1)
+    max_len: int = field(256, "tokens per sequence (prompt cut from the left first)", min=8)
+    max_new_tokens: int = field(48, "generation budget for held-out task accuracy", min=1)
+    beta: float = field(0.1, "β: strength of the implicit KL constraint (SimPO: reward scale)", min=0)
+    loss_type: LossType = field("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo")
+    label_smoothing: float = field(0.0, "ε: assumed label-noise rate (sigmoid = cDPO, robust = rDPO)", min=0)
+    simpo_gamma: float = field(0.5, "γ: SimPO target margin", min=0)
+    precompute_ref: bool = field(True, "compute reference log-probs once before training (no reference model held)")
+
+
+class DPO(Algorithm):
+    def __init__(self, policy, reference, tokenizer: Tokenizer, pairs, eval_pairs, eval_prompts, cfg: DPOConfig):
+        self.policy, self.tokenizer, self.cfg = policy, tokenizer, cfg
+        self.pairs, self.eval_pairs, self.eval_prompts = pairs, eval_pairs, eval_prompts
+        self.modules = {"policy": policy}
+        self.num_examples = len(pairs)
+        self.batches = StepBatches(len(pairs), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self.device = next(policy.parameters()).device
+        self.uses_ref = cfg.loss_type != "simpo"
+        self.reference = None
+        self.ref_logps = self.eval_ref_logps = None
+        if self.uses_ref and cfg.precompute_ref:
+            self.ref_logps = pair_sequence_logprobs(reference, pairs, tokenizer.pad_id)[:2]
+            if eval_pairs:
+                self.eval_ref_logps = pair_sequence_logprobs(reference, eval_pairs, tokenizer.pad_id)[:2]
+        elif self.uses_ref:
+            self.reference = reference.eval().requires_grad_(False)
+
+    def micro_batches(self, step: int):
+        return [(torch.as_tensor(idx), collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_id, self.device))
+                for idx in self.batches.indices(step)]
+
+    def _reference_logps(self, idx: torch.Tensor, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if not self.uses_ref:
+            return None, None
+        if self.ref_logps is not None:
+            return self.ref_logps[0][idx].to(self.device), self.ref_logps[1][idx].to(self.device)
+        with torch.no_grad():
+            ref, _ = sequence_logprobs(self.reference, *batch)
+        return ref.chunk(2)
+
+    def loss(self, item):
+        idx, batch = item
+        logps, lengths = sequence_logprobs(self.policy, *batch)
+        chosen, rejected = logps.chunk(2)
+        chosen_len, rejected_len = lengths.chunk(2)
+        ref_chosen, ref_rejected = self._reference_logps(idx, batch)
+        c = self.cfg
+        losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len,
+                                                       rejected_len, c.beta, c.loss_type, c.label_smoothing,
+                                                       c.simpo_gamma)
+        return losses.mean(), {
+            "rewards/chosen": float(r_chosen.mean()), "rewards/rejected": float(r_rejected.mean()),
+            "rewards/accuracy": float((r_chosen > r_rejected).float().mean()),
+            "rewards/margin": float((r_chosen - r_rejected).mean()),
+            "logps/chosen": float(chosen.detach().mean()), "logps/rejected": float(rejected.detach().mean()),
+        }
+
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.eval_pairs:
+            chosen, rejected, c_len, r_len = pair_sequence_logprobs(self.policy, self.eval_pairs, self.tokenizer.pad_id)
+            if self.eval_ref_logps is not None:
+                ref_c, ref_r = self.eval_ref_logps
+            elif self.uses_ref:
+                ref_c, ref_r = pair_sequence_logprobs(self.reference, self.eval_pairs, self.tokenizer.pad_id)[:2]
+            else:
+                ref_c = ref_r = None
+            _, r_c, r_r = preference_loss(chosen, rejected, ref_c, ref_r, c_len, r_len, self.cfg.beta,
+                                          self.cfg.loss_type, simpo_gamma=self.cfg.simpo_gamma)
+            metrics["pref_accuracy"] = float((r_c > r_r).float().mean())
+            metrics["margin"] = float((r_c - r_r).mean())
+        if self.eval_prompts:
+            metrics["accuracy"] = task_accuracy(self.policy, self.tokenizer, self.eval_prompts,
+                                                self.cfg.max_new_tokens)
+        return metrics
+
+
+def run(cfg: DPOConfig) -> dict[str, float]:
+    if not cfg.data or not cfg.model:
+        raise ValueError("dpo: set `model` (the SFT model dir) and `data` (preference JSONL)")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
+    policy = load_policy(cfg.model, device)
+    reference = load_policy(cfg.ref_model, device) if cfg.ref_model else policy
+    if reference is policy and not cfg.precompute_ref and cfg.loss_type != "simpo":
+        reference = copy.deepcopy(policy)
+    pairs = tokenize_pairs(tokenizer, load_pairs(cfg.data), cfg.max_len)
+    eval_pairs = tokenize_pairs(tokenizer, load_pairs(cfg.eval_data)[: cfg.eval_samples], cfg.max_len) \
+        if cfg.eval_data else []
+    eval_prompts = load_prompts(cfg.eval_prompts)[: cfg.eval_samples] if cfg.eval_prompts else []
+    algo = DPO(policy, reference, tokenizer, pairs, eval_pairs, eval_prompts, cfg)
+    return train(algo, cfg, name="dpo")

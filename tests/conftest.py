@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny model factory, a small BPE tokenizer trained on the embedded task, task data files,
+and a saved starting model (weights + tokenizer) for short training runs.
+
+Everything is seeded and small so the whole suite runs in well under a minute on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minirlhf.data.task import generate_problems, pretrain_texts, sft_records, write_task_data
+from minirlhf.model import MiniMindLM, preset
+from minirlhf.tokenizer import train_tokenizer
+
+# A 2-layer, 64-wide model: big enough to exercise GQA, RoPE and the cache, small enough to be instant.
+TINY = dict(vocab_size=64, num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2, intermediate_size=128)
+TOKENIZER_VOCAB = 320
+
+# Tiny matrices gain nothing from intra-op threads, and oversubscribed OpenMP threads (another job on the
+# same cores) can make each op 20x slower. One thread keeps the suite fast and its timings stable.
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def make_model():
+    """`make_model(seed=0, **overrides)` -> an eval-mode tiny MiniMindLM with seeded weights."""
+
+    def make(seed: int = 0, **overrides) -> MiniMindLM:
+        torch.manual_seed(seed)
+        return MiniMindLM(preset("tiny", **{**TINY, **overrides})).eval()
+
+    return make
+
+
+def _task_texts() -> list[str]:
+    problems = generate_problems(300, seed=0)
+    texts = pretrain_texts(problems, seed=0)
+    for rec in sft_records(problems[:100]):  # chat-formatted text too, so role names get merges
+        texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in rec["conversations"]))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A byte-level BPE with 320 tokens trained on the embedded arithmetic task."""
+    return train_tokenizer(_task_texts(), TOKENIZER_VOCAB)
+
+
+@pytest.fixture(scope="session")
+def task_data(tmp_path_factory):
+    """{name: path} of the generated task files (200 training problems, 20 held out)."""
+    return write_task_data(tmp_path_factory.mktemp("task_data"), seed=0, n_train=200, n_heldout=20)
+
+
+@pytest.fixture(scope="session")
+def start_model_dir(tmp_path_factory, tokenizer):
+    """A model dir (config, weights, tokenizer) holding a 2-layer tiny model: the `model` of SFT test runs."""
+    directory = tmp_path_factory.mktemp("start_model")
+    torch.manual_seed(0)
+    model = MiniMindLM(preset("tiny", **{**TINY, "vocab_size": tokenizer.vocab_size, "hidden_size": 96,
+                                         "num_heads": 6, "intermediate_size": 256}))
+    model.save_pretrained(directory)
+    tokenizer.save(directory)
+    return directory

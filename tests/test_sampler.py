@@ -1,0 +1,192 @@
+"""The KV-cache sampler: seeding, greedy == step-by-step argmax, per-row EOS handling, log-probs equal to a
+recomputation by `completion_logprobs`, top-k / top-p filtering, and prompts of different lengths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from minirlhf.generation import Rollout, SamplingConfig, filter_logits, generate, left_pad
+from minirlhf.logprobs import completion_logprobs
+
+PAD, EOS = 0, 2
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]]
+
+
+def sample(model, prompts=PROMPTS, seed=0, **sampling) -> Rollout:
+    generator = torch.Generator().manual_seed(seed)
+    return generate(model, prompts, SamplingConfig(**sampling), eos_id=EOS, pad_id=PAD, generator=generator)
+
+
+class EosBias(nn.Module):
+    """Adds `bias` to the EOS logit everywhere: a pure function of the input, so a full forward agrees."""
+
+    def __init__(self, inner: nn.Module, bias: float) -> None:
+        super().__init__()
+        self.inner, self.bias = inner, bias
+
+    def forward(self, input_ids, **kwargs):
+        out = self.inner(input_ids, **kwargs)
+        out.logits = out.logits.clone()
+        out.logits[..., EOS] += self.bias
+        return out
+
+    def new_cache(self, batch_size, max_len):
+        return self.inner.new_cache(batch_size, max_len)
+
+
+class ForceEos(nn.Module):
+    """Row i emits EOS at completion index `eos_at[i]` (None: never); other tokens are sampled as usual."""
+
+    def __init__(self, inner: nn.Module, eos_at: list[int | None]) -> None:
+        super().__init__()
+        self.inner, self.eos_at, self.calls = inner, eos_at, 0
+
+    def forward(self, input_ids, **kwargs):
+        out = self.inner(input_ids, **kwargs)
+        logits = out.logits.clone()
+        step = self.calls  # call 0 is the prefill, whose last logits pick completion token 0
+        self.calls += 1
+        for row, at in enumerate(self.eos_at):
+            if at is not None and step >= at:
+                logits[row, -1] = -1e4
+                logits[row, -1, EOS] = 0.0
+            else:
+                logits[row, -1, EOS] = -1e4
+        out.logits = logits
+        return out
+
+    def new_cache(self, batch_size, max_len):
+        return self.inner.new_cache(batch_size, max_len)
+
+
+def test_left_pad():
+    ids, mask = left_pad([[1, 2, 3], [4]], pad_id=9)
+    assert ids.tolist() == [[1, 2, 3], [9, 9, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_same_seed_same_samples_and_different_seed_different(make_model):
+    model = make_model(seed=1)
+    a = sample(model, seed=3, max_new_tokens=12, temperature=1.0)
+    b = sample(model, seed=3, max_new_tokens=12, temperature=1.0)
+    c = sample(model, seed=4, max_new_tokens=12, temperature=1.0)
+    assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(a.logprobs, b.logprobs)
+    assert torch.equal(a.completion_mask, b.completion_mask)
+    assert a.completions() != c.completions()
+
+
+def test_temperature_zero_is_greedy_step_by_step_argmax(make_model):
+    model = make_model(seed=2)
+    rollout = sample(model, max_new_tokens=8, temperature=0.0)
+    for row, prompt in enumerate(PROMPTS):
+        seq = list(prompt)
+        expected_tokens, expected_logps = [], []
+        for _ in range(8):
+            with torch.no_grad():
+                logits = model(torch.tensor([seq])).logits[0, -1]
+            token = int(logits.argmax())
+            expected_tokens.append(token)
+            expected_logps.append(float(torch.log_softmax(logits, -1)[token]))
+            seq.append(token)
+            if token == EOS:
+                break
+        assert rollout.completions()[row] == expected_tokens
+        n = len(expected_tokens)
+        torch.testing.assert_close(rollout.logprobs[row, :n], torch.tensor(expected_logps), atol=1e-5, rtol=0)
+
+
+def test_eos_ends_each_row_independently(make_model):
+    model = ForceEos(make_model(seed=3), eos_at=[3, 5, None])
+    rollout = sample(model, max_new_tokens=10, temperature=1.0)
+    assert rollout.completion_mask.tolist() == [[1] * 4 + [0] * 6, [1] * 6 + [0] * 4, [1] * 10]
+    ids = rollout.completion_ids
+    assert ids[0, 3] == EOS and ids[1, 5] == EOS  # EOS itself is kept, with mask 1
+    assert torch.all(ids[0, 4:] == PAD) and torch.all(ids[1, 6:] == PAD)  # after EOS: padding
+    assert EOS not in ids[2].tolist() and EOS not in ids[0, :3].tolist()
+    assert torch.all(rollout.logprobs[rollout.completion_mask == 0] == 0)
+    assert torch.all(rollout.logprobs[rollout.completion_mask == 1] <= 0)
+    assert rollout.logprobs[0, 3].item() == pytest.approx(0.0, abs=1e-6)  # forced EOS had probability 1
+    assert [len(c) for c in rollout.completions()] == [4, 6, 10]
+    assert rollout.completions()[0][-1] == EOS
+
+
+def test_completions_are_trimmed_when_every_row_stops_early(make_model):
+    model = ForceEos(make_model(seed=3), eos_at=[1, 2, 0])
+    rollout = sample(model, max_new_tokens=64, temperature=1.0)
+    assert rollout.completion_ids.shape == (3, 3)  # width = longest completion, not max_new_tokens
+    assert rollout.completion_mask.tolist() == [[1, 1, 0], [1, 1, 1], [1, 0, 0]]
+    assert model.calls <= 9  # stops feeding the batch soon after every row has finished
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=1.0), dict(temperature=0.7),
+                                      dict(temperature=1.3, top_k=10, top_p=0.9)],
+                         ids=["t1", "t0.7", "t1.3-topk-topp"])
+def test_sampler_logprobs_equal_recomputed_logprobs(make_model, sampling):
+    # An EOS bias makes rows stop at different lengths, so padding after EOS is exercised too.
+    model = EosBias(make_model(seed=4), bias=3.0)
+    rollout = sample(model, seed=5, max_new_tokens=12, **sampling)
+    lengths = rollout.completion_mask.sum(1).tolist()
+    assert len(set(lengths)) > 1 and min(lengths) < 12, lengths
+    with torch.no_grad():
+        logps, mask = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                          rollout.full_completion_mask, temperature=sampling["temperature"])
+    p = rollout.prompt_ids.shape[1]
+    assert torch.equal(mask[:, p - 1:], rollout.completion_mask.float())
+    torch.testing.assert_close(logps[:, p - 1:], rollout.logprobs, atol=1e-5, rtol=0)
+    assert torch.all(logps[:, :p - 1] == 0)
+
+
+def test_prompts_of_different_lengths_generate_as_if_alone(make_model):
+    model = make_model(seed=6)
+    batch = sample(model, max_new_tokens=10, temperature=0.0)
+    assert batch.prompt_ids.shape == (3, 7)
+    assert batch.prompt_mask.tolist() == [[1] * 7, [0] * 4 + [1] * 3, [0] * 2 + [1] * 5]
+    for row, prompt in enumerate(PROMPTS):
+        alone = sample(model, prompts=[prompt], max_new_tokens=10, temperature=0.0)
+        assert batch.completions()[row] == alone.completions()[0]
+        n = len(alone.completions()[0])
+        torch.testing.assert_close(batch.logprobs[row, :n], alone.logprobs[0, :n], atol=1e-5, rtol=0)
+
+
+def test_filter_logits_top_k_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [5.0, -1.0, 4.0, 6.0]])
+    inf = float("-inf")
+    assert filter_logits(logits, top_k=2).tolist() == [[inf, 3.0, 2.0, inf], [5.0, inf, inf, 6.0]]
+    assert filter_logits(logits, top_k=1).tolist() == [[inf, 3.0, inf, inf], [inf, inf, inf, 6.0]]
+    assert torch.equal(filter_logits(logits, top_k=0), logits)  # off
+    assert torch.equal(filter_logits(logits, top_k=4), logits)  # k = vocab: nothing to drop
+
+
+def test_filter_logits_top_p_by_hand():
+    probs = torch.tensor([[0.10, 0.50, 0.15, 0.25]])
+    logits = probs.log()
+    inf = float("-inf")
+    # Sorted: 0.50 (cum before 0), 0.25 (0.50), 0.15 (0.75), 0.10 (0.90). Keep while cum-before < p.
+    kept = {p: [i for i, v in enumerate(filter_logits(logits, top_p=p)[0].tolist()) if v != inf]
+            for p in (0.3, 0.7, 0.8, 0.95)}
+    assert kept == {0.3: [1], 0.7: [1, 3], 0.8: [1, 2, 3], 0.95: [0, 1, 2, 3]}
+    out = filter_logits(logits, top_p=0.7)[0]
+    assert out[1].item() == pytest.approx(math.log(0.5)) and out[3].item() == pytest.approx(math.log(0.25))
+    assert torch.equal(filter_logits(logits, top_p=1.0), logits)  # off
+    # Rows are filtered independently.
+    two = torch.stack([logits[0], logits[0].flip(0)])
+    out2 = filter_logits(two, top_p=0.7)
+    assert [(r != inf).nonzero().flatten().tolist() for r in out2] == [[1, 3], [0, 2]]
+    # top-k then top-p: top_k=3 keeps 0.50/0.25/0.15; renormalised 0.5/0.9 = 0.56 > 0.5, so top_p=0.5 keeps one.
+    both = filter_logits(logits, top_k=3, top_p=0.5)[0]
+    assert [i for i, v in enumerate(both.tolist()) if v != inf] == [1]
+
+
+def test_top_k_sampling_only_emits_top_k_tokens(make_model):
+    model = make_model(seed=7)
+    prompt = [[5, 6, 7]]
+    with torch.no_grad():
+        first_logits = model(torch.tensor(prompt)).logits[0, -1]
+    allowed = set(first_logits.topk(3).indices.tolist())
+    firsts = {sample(model, prompts=prompt, seed=s, max_new_tokens=1, temperature=1.5, top_k=3).completions()[0][0]
+              for s in range(30)}
+    assert firsts <= allowed and len(firsts) >= 2
