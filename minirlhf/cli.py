@@ -26,9 +26,13 @@ def _stage_command(stage: str, args: argparse.Namespace) -> int:
     config_path = args.config if args.config or not Path(DEFAULT_CONFIG).is_file() else DEFAULT_CONFIG
     if args.config and not Path(args.config).is_file():
         raise ConfigError(f"{args.config}: config file not found")
-    cfg = load_stage_config(cls, config_path, stage, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if args.resume:
+        overrides["resume"] = True
+    cfg = load_stage_config(cls, config_path, stage, overrides)
     result = run(cfg)
-    print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    if result:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
 
 
@@ -101,8 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"run the {stage} stage")
         p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG} when present)")
         p.add_argument("--help-config", action="store_true", help="list this stage's options and exit")
-        p.add_argument("--resume", dest="overrides", action="append_const", const="resume=true",
-                       help="continue from the latest checkpoint in out_dir")
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
         p.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
     for name, helptext in (("generate", "sample responses to prompts"), ("chat", "chat in the terminal")):
         p = sub.add_parser(name, help=helptext)
@@ -125,8 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.overrides = [o for o in (getattr(args, "overrides", None) or []) if o is not None]
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (not hasattr(args, "overrides") or any(x.startswith("-") for x in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = list(getattr(args, "overrides", None) or []) + extra
     try:
         if args.command in STAGES:
             return _stage_command(args.command, args)

@@ -66,6 +66,11 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected float, got {value!r}") from None
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
             raise ConfigError(f"{name}: expected {annotation.__name__}, got {value!r}")

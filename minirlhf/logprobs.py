@@ -13,9 +13,10 @@ from torch import nn
 
 
 def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / T)[targets], in float32. logits (..., V), targets (...) -> (...)."""
+    """log softmax(logits / T)[targets], in float32. logits (..., V), targets (...) -> (...).
+    T <= 0 (greedy decoding) reports log-probs under T = 1, as the sampler does."""
     logits = logits.float()
-    if temperature != 1.0:
+    if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     return picked - torch.logsumexp(logits, dim=-1)
@@ -35,7 +36,7 @@ def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mas
     if not return_entropy:
         return logps, mask
     with torch.no_grad():
-        log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+        log_p = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1) * mask
     return logps, mask, entropy
 

@@ -190,3 +190,13 @@ def test_top_k_sampling_only_emits_top_k_tokens(make_model):
     firsts = {sample(model, prompts=prompt, seed=s, max_new_tokens=1, temperature=1.5, top_k=3).completions()[0][0]
               for s in range(30)}
     assert firsts <= allowed and len(firsts) >= 2
+
+
+def test_greedy_logprobs_recompute_with_temperature_zero(make_model):
+    model = make_model(seed=8)
+    rollout = sample(model, max_new_tokens=6, temperature=0.0)
+    with torch.no_grad():
+        logps, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                       rollout.full_completion_mask, temperature=0.0)
+    p = rollout.prompt_ids.shape[1]
+    torch.testing.assert_close(logps[:, p - 1:], rollout.logprobs, atol=1e-5, rtol=0)

@@ -114,7 +114,8 @@ def test_prompt_ids_are_a_prefix_of_prompt_plus_response(tokenizer):
         assert full[:len(prompt)] == prompt
         # The prompt part of the mask is the prompt's own mask: earlier assistant turns only, never the header.
         assert mask[:len(prompt)] == tokenizer.encode_chat(CONVERSATION[:cut], add_generation_prompt=True)[1]
-        assert sum(mask[:len(prompt)]) == (0 if cut == 2 else len(tokenizer.encode_response(CONVERSATION[2]["content"])))
+        earlier = len(tokenizer.encode_response(CONVERSATION[2]["content"])) if cut == 4 else 0
+        assert sum(mask[:len(prompt)]) == earlier
         response = tokenizer.encode_response(CONVERSATION[cut]["content"])
         assert full[len(prompt):len(prompt) + len(response)] == response
         assert response[-1] == tokenizer.eos_id

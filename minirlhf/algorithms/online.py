@@ -1,0 +1,216 @@
+"""The shared machinery of online RL: prompts -> rollouts -> rewards -> a buffer of experience that the
+method turns into advantages and then into several optimizer steps.
+
+One rollout serves `updates_per_rollout = epochs x mini-batches` optimizer steps, so optimizer step s
+belongs to rollout s // updates_per_rollout. Generation uses the KV-cache sampler with a generator seeded
+by (seed, rollout), old and reference log-probs come from batched no-grad passes (old log-probs are
+skipped when each rollout gets a single update: then π_old = π exactly), and the buffer is part of the
+checkpoint, so `resume` continues exactly even mid-rollout.
+
+A method subclasses `OnlineRL` and implements `advantages(exp)` (fill exp["advantages"], per token) and
+`loss(mini_batch)`; it may override `select_prompts` (SPO's prioritised sampling) and `score` hooks.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import field
+from ..data.batching import ExampleOrder
+from ..data.formats import PromptExample, load_prompts
+from ..eval import task_accuracy
+from ..generation import SamplingConfig, generate
+from ..logprobs import completion_logprobs, masked_mean
+from ..model import load_policy
+from ..model.heads import ScalarHeadModel
+from ..rewards import RewardModelReward, build_reward
+from ..tokenizer import Tokenizer
+from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything
+from .policy_gradient import kl_estimate
+
+
+@dataclass
+class OnlineConfig(TrainConfig):
+    """Options shared by PPO, GRPO and SPO. `batch_size` x `grad_accum` sequences make one optimizer step."""
+
+    model: str = field("", "policy dir to start from (usually the SFT model)")
+    ref_model: str = field("", "reference policy dir for the KL term; empty = the starting policy")
+    tokenizer: str = field("", "tokenizer dir; empty = the one saved with `model`")
+    data: str = field("", "prompt JSONL: {prompt, answer?}")
+    prompt_field: str = field("prompt", "field holding the prompt (e.g. `question` for GSM8K)")
+    answer_field: str = field("answer", "field holding the reference answer, if any")
+    eval_data: str = field("", "held-out prompt JSONL with answers (greedy task accuracy)")
+    eval_samples: int = field(200, "held-out prompts to evaluate", min=1)
+    reward: str = field("answer:1,format:0.1", "weighted rewards: answer, format, rm, judge (name:weight,...)")
+    reward_model: str = field("", "reward model dir, for the `rm` reward")
+    reward_clip: float = field(10.0, "rewards are clipped to [-reward_clip, reward_clip]", gt=0)
+    prompts_per_rollout: int = field(16, "prompts sampled per rollout", min=1)
+    epochs_per_rollout: int = field(1, "passes over each rollout's experience (μ in GRPO, PPO epochs)", min=1)
+    max_prompt_len: int = field(192, "longer prompts keep their last max_prompt_len tokens (counted)", min=1)
+    max_new_tokens: int = field(48, "completion budget", min=1)
+    temperature: float = field(1.0, "sampling temperature (also used when recomputing log-probs)", gt=0)
+    top_k: int = field(0, "top-k sampling (0 = off)", min=0)
+    top_p: float = field(1.0, "nucleus sampling (1 = off)", gt=0)
+    beta: float = field(0.04, "KL coefficient β (0 = no reference model is loaded)", min=0)
+    clip_eps_low: float = field(0.2, "ε_low: ratio clipped below at 1 - ε_low", gt=0)
+    clip_eps_high: float = field(0.2, "ε_high: ratio clipped above at 1 + ε_high (DAPO clip-higher: 0.28)", gt=0)
+    max_new_tokens_eval: int = field(48, "generation budget for held-out accuracy", min=1)
+
+
+class OnlineRL(Algorithm):
+    samples_per_prompt = 1
+
+    def __init__(self, policy, reference, tokenizer: Tokenizer, prompts: list[PromptExample], reward,
+                 eval_prompts: list[PromptExample], cfg: OnlineConfig) -> None:
+        self.policy, self.reference, self.tokenizer, self.cfg = policy, reference, tokenizer, cfg
+        self.prompts, self.reward, self.eval_prompts = prompts, reward, eval_prompts
+        self.modules = {"policy": policy}
+        self.device = next(policy.parameters()).device
+        self.prompt_ids = [self._encode(p) for p in prompts]
+        self.prompt_order = ExampleOrder(len(prompts), cfg.seed)
+        self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        rollout_size = cfg.prompts_per_rollout * self.samples_per_prompt
+        mini_batch = cfg.batch_size * cfg.grad_accum
+        if rollout_size % mini_batch:
+            raise ValueError(f"prompts_per_rollout x samples per prompt ({rollout_size}) must be a multiple of "
+                             f"batch_size x grad_accum ({mini_batch})")
+        self.minibatches_per_epoch = rollout_size // mini_batch
+        self.updates_per_rollout = self.minibatches_per_epoch * cfg.epochs_per_rollout
+        self.experience: dict[str, torch.Tensor] = {}
+        self.rollout_index = -1
+        self.history: list[dict[str, float]] = []
+
+    def _encode(self, example: PromptExample) -> list[int]:
+        ids = self.tokenizer.encode_prompt(example.prompt)
+        return ids[-self.cfg.max_prompt_len:]
+
+    # --- rollouts --------------------------------------------------------------------------------------
+    def select_prompts(self, rollout: int) -> list[int]:
+        n = self.cfg.prompts_per_rollout
+        return self.prompt_order.take(rollout * n, n)
+
+    def _logprobs(self, model, exp: dict[str, torch.Tensor], with_entropy: bool = False):
+        return completion_logprobs(model, exp["input_ids"], exp["attention_mask"], exp["completion_mask"],
+                                   self.cfg.temperature, return_entropy=with_entropy)
+
+    @torch.no_grad()
+    def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
+        """Sample, score, and compute old/reference log-probs in batched no-grad passes."""
+        chosen = self.select_prompts(rollout)
+        rows = [i for i in chosen for _ in range(self.samples_per_prompt)]
+        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + rollout)
+        self.policy.eval()
+        out = generate(self.policy, [self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
+                       self.tokenizer.pad_id, generator)
+        texts = self.tokenizer.batch_decode(out.completions())
+        examples = [self.prompts[i] for i in rows]
+        rewards = self.reward.score([e.prompt for e in examples], texts, [{"answer": e.answer} for e in examples])
+        rewards = rewards.float().clamp(-self.cfg.reward_clip, self.cfg.reward_clip).to(self.device)
+        exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
+               "completion_mask": out.full_completion_mask, "rewards": rewards,
+               "prompt_index": torch.as_tensor(rows, device=self.device)}
+        mask = exp["completion_mask"][:, 1:].float()
+        if self.updates_per_rollout > 1:
+            exp["old_logps"] = self._logprobs(self.policy, exp)[0]
+        if self.reference is not None:
+            exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
+        self.advantages(exp)
+        stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                 "completion_len": float(mask.sum(1).mean())}
+        for name, part in getattr(self.reward, "last_parts", {}).items():
+            stats[f"reward/{name}"] = float(part.mean())
+        self.rollout_stats = stats
+        return exp
+
+    def advantages(self, exp: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # --- the loop's interface --------------------------------------------------------------------------
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        rollout, update = divmod(step, self.updates_per_rollout)
+        if rollout != self.rollout_index:
+            self.experience = self.make_experience(rollout)
+            self.rollout_index = rollout
+        epoch, minibatch = divmod(update, self.minibatches_per_epoch)
+        size = self.cfg.batch_size * self.cfg.grad_accum
+        n = self.experience["rewards"].shape[0]
+        generator = torch.Generator().manual_seed(self.cfg.seed * 7_919 + rollout * 101 + epoch)
+        order = torch.randperm(n, generator=generator) if self.minibatches_per_epoch > 1 else torch.arange(n)
+        rows = order[minibatch * size:(minibatch + 1) * size].to(self.device)
+        return [{k: v[rows[i:i + self.cfg.batch_size]] for k, v in self.experience.items()}
+                for i in range(0, size, self.cfg.batch_size)]
+
+    def policy_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Current log-probs, old log-probs (detached current ones when π_old = π), mask, entropy, KL."""
+        logps, mask, entropy = self._logprobs(self.policy, batch, with_entropy=True)
+        terms = {"logps": logps, "mask": mask, "entropy": entropy,
+                 "old_logps": batch["old_logps"] if "old_logps" in batch else logps.detach()}
+        if "ref_logps" in batch:
+            terms["kl"] = kl_estimate(logps, batch["ref_logps"], "k3")
+        return terms
+
+    def common_metrics(self, terms: dict[str, torch.Tensor], clipped: torch.Tensor) -> dict[str, float]:
+        mask = terms["mask"]
+        log_ratio = (terms["logps"] - terms["old_logps"]).detach()
+        metrics = {**self.rollout_stats,
+                   "entropy": float(masked_mean(terms["entropy"], mask)),
+                   "clip_ratio": float(masked_mean(clipped, mask)),
+                   "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask))}
+        if "kl" in terms:
+            metrics["kl"] = float(masked_mean(terms["kl"].detach(), mask))
+        self.history.append({k: metrics[k] for k in ("reward", "kl") if k in metrics})
+        return metrics
+
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        recent = self.history[-5 * self.updates_per_rollout:]
+        for key in ("reward", "kl"):
+            values = [h[key] for h in recent if key in h]
+            if values:
+                metrics[key] = sum(values) / len(values)
+        if self.eval_prompts:
+            metrics["accuracy"] = task_accuracy(self.policy, self.tokenizer, self.eval_prompts,
+                                                self.cfg.max_new_tokens_eval)
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollout_index": self.rollout_index, "experience": self.experience,
+                "rollout_stats": getattr(self, "rollout_stats", {}), "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollout_index = state["rollout_index"]
+        self.experience = {k: v.to(self.device) for k, v in state["experience"].items()}
+        self.rollout_stats, self.history = state["rollout_stats"], state["history"]
+
+
+def load_online(cfg: OnlineConfig, extra_rewards: dict | None = None):
+    """Tokenizer, policy, reference (None when β = 0), reward, prompts and held-out prompts for a run."""
+    if not cfg.model or not cfg.data:
+        raise ValueError("set `model` (the starting policy dir) and `data` (prompt JSONL)")
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
+    policy = load_policy(cfg.model, device)
+    reference = None
+    if cfg.beta > 0:
+        reference = load_policy(cfg.ref_model or cfg.model, device).eval().requires_grad_(False)
+
+    def reward_model():
+        if not cfg.reward_model:
+            raise ValueError("the `rm` reward needs `reward_model` (a dir written by `minirlhf rm`)")
+        return RewardModelReward(ScalarHeadModel.from_pretrained(cfg.reward_model, device), tokenizer)
+
+    reward = build_reward(cfg.reward, {"rm": reward_model, **(extra_rewards or {})})
+    prompts = load_prompts(cfg.data, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+    eval_prompts = load_prompts(cfg.eval_data, prompt_field=cfg.prompt_field,
+                                answer_field=cfg.answer_field)[: cfg.eval_samples] if cfg.eval_data else []
+    long = sum(len(tokenizer.encode_prompt(p.prompt)) > cfg.max_prompt_len for p in prompts)
+    if long:
+        print(f"{cfg.data}: {long} prompts exceed max_prompt_len={cfg.max_prompt_len}; keeping their last tokens",
+              file=sys.stderr)
+    return tokenizer, policy, reference, reward, prompts, eval_prompts
+

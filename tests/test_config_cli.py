@@ -1,0 +1,184 @@
+"""Config building and the CLI's error contract: every user-fixable problem is one line
+`minirlhf: error: ...` on stderr and exit status 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from minirlhf.algorithms.sft import LMConfig
+from minirlhf.cli import main
+from minirlhf.config import ConfigError, build_config, describe, load_stage_config, parse_overrides
+from minirlhf.stages import STAGES
+from minirlhf.train.loop import TrainConfig
+
+
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("minirlhf: error: ")
+    assert captured.out == ""
+    return lines[0]
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as info:
+        build_config(TrainConfig, {"steps": 3, "learning_rate": 1e-3}, where="sft")
+    message = str(info.value)
+    assert "sft: unknown key(s) ['learning_rate']" in message
+    for key in ("lr", "steps", "batch_size", "out_dir"):
+        assert f"'{key}'" in message
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"steps": "ten"}, r"sft\.steps: expected int, got 'ten'"),
+    ({"steps": True}, r"sft\.steps: expected int, got True"),  # a bool is not an int here
+    ({"bf16": "yes"}, r"sft\.bf16: expected bool"),
+    ({"lr": [1]}, r"sft\.lr: expected float"),
+    ({"mode": "rlhf"}, r"sft\.mode: 'rlhf' is not one of \['pretrain', 'sft'\]"),
+])
+def test_wrong_types_are_rejected(values, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(LMConfig, values, where="sft")
+
+
+@pytest.mark.parametrize("values,match", [
+    ({"steps": 0}, r"sft\.steps: 0 is below the minimum 1"),
+    ({"max_len": 4}, r"sft\.max_len: 4 is below the minimum 8"),
+    ({"lr": 0.0}, r"sft\.lr: 0\.0 must be greater than 0"),
+    ({"weight_decay": -0.1}, r"sft\.weight_decay: -0\.1 is below the minimum 0"),
+])
+def test_out_of_range_values_are_rejected(values, match):
+    with pytest.raises(ConfigError, match=match):
+        build_config(LMConfig, values, where="sft")
+
+
+def test_valid_values_are_converted_and_defaults_kept():
+    cfg = build_config(LMConfig, {"lr": 1, "steps": 7, "bf16": True, "mode": "pretrain"})
+    assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # an int is accepted where a float is expected
+    assert (cfg.steps, cfg.bf16, cfg.mode, cfg.batch_size) == (7, True, "pretrain", 16)
+
+
+def test_overrides_are_parsed_as_yaml():
+    parsed = parse_overrides(["lr=0.0001", "bf16=true", "steps=20", "out_dir=runs/x", "data=", "resume=false"])
+    assert parsed == {"lr": 0.0001, "bf16": True, "steps": 20, "out_dir": "runs/x", "data": "", "resume": False}
+    assert isinstance(parsed["lr"], float) and isinstance(parsed["steps"], int)
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_overrides(["lr"])
+
+
+def test_scientific_notation_override_is_a_float(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  lr: 5e-4\n")  # the same in a config file
+    assert load_stage_config(TrainConfig, path, "sft", {}).lr == 5e-4
+    cfg = load_stage_config(TrainConfig, None, "sft", parse_overrides(["lr=1e-4", "bf16=true"]))
+    assert cfg.lr == 1e-4 and cfg.bf16 is True
+
+
+def test_load_stage_config_reads_a_section_and_overrides_win(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  steps: 5\n  lr: 2.0e-3\n  batch_size: 4\nother:\n  steps: 99\n")
+    cfg = load_stage_config(TrainConfig, path, "sft", {"steps": 8})
+    assert (cfg.steps, cfg.lr, cfg.batch_size) == (8, 2e-3, 4)
+    assert load_stage_config(TrainConfig, path, "missing_section", {}).steps == 100  # defaults
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_stage_config(TrainConfig, tmp_path / "nope.yaml", "sft", {})
+    path.write_text("sft: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_stage_config(TrainConfig, path, "sft", {})
+    path.write_text("sft: 3\n")
+    with pytest.raises(ConfigError, match="section 'sft' must be a mapping"):
+        load_stage_config(TrainConfig, path, "sft", {})
+
+
+def test_describe_lists_every_field_with_its_help():
+    text = describe(TrainConfig)
+    assert "  lr = 0.001  # peak learning rate" in text
+    assert len(text.splitlines()) == len(TrainConfig.__dataclass_fields__)
+
+
+@pytest.fixture
+def sft_yaml(tmp_path, monkeypatch):
+    """An sft section that would train for real if nothing were wrong; cwd has no configs/rlhf.yaml."""
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"sft:\n  mode: sft\n  out_dir: {tmp_path / 'out'}\n  steps: 1\n  device: cpu\n"
+                    "  progress: false\n")
+    return path
+
+
+def test_cli_unknown_key_override(sft_yaml, capsys):
+    assert main(["sft", "--config", str(sft_yaml), "bogus=1"]) == 2
+    line = one_error_line(capsys)
+    assert "unknown key(s) ['bogus']" in line and "valid keys" in line and "'lr'" in line
+
+
+def test_cli_bad_value_override(sft_yaml, capsys):
+    assert main(["sft", "--config", str(sft_yaml), "steps=0"]) == 2
+    assert "sft.steps: 0 is below the minimum 1" in one_error_line(capsys)
+
+
+def test_cli_missing_config_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "nope.yaml"
+    assert main(["sft", "--config", str(missing)]) == 2
+    assert f"{missing}: config file not found" in one_error_line(capsys)
+
+
+def test_cli_missing_data_file(sft_yaml, tokenizer, tmp_path, capsys):
+    tokenizer.save(tmp_path / "tok")
+    data = tmp_path / "missing.jsonl"
+    assert main(["sft", "--config", str(sft_yaml), f"tokenizer={tmp_path / 'tok'}", f"data={data}"]) == 2
+    assert f"{data}: file not found" in one_error_line(capsys)
+    assert not (tmp_path / "out" / "final").exists()
+
+
+def test_cli_missing_tokenizer_and_empty_data(sft_yaml, tmp_path, capsys):
+    assert main(["sft", "--config", str(sft_yaml), f"tokenizer={tmp_path / 'none'}", "data=x.jsonl"]) == 2
+    assert "no tokenizer.json" in one_error_line(capsys)
+    assert main(["sft", "--config", str(sft_yaml)]) == 2  # data not set
+    assert "set `data`" in one_error_line(capsys)
+
+
+def test_cli_help_config_prints_options(capsys):
+    assert main(["sft", "--help-config"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("sft options")
+    for line in ("  lr = 0.001  # peak learning rate", "  steps = 100  # optimizer steps", "  mode = 'sft'"):
+        assert line in out
+    assert out.count("\n  ") == len(LMConfig.__dataclass_fields__)
+
+
+def test_cli_stage_runs_with_overrides(sft_yaml, task_data, start_model_dir, tmp_path, capsys):
+    assert main(["sft", "--config", str(sft_yaml), f"model={start_model_dir}", f"data={task_data['sft']}",
+                 "batch_size=2", "max_len=64", "lr=0.001"]) == 0
+    assert (tmp_path / "out" / "final" / "model.safetensors").is_file()
+    assert capsys.readouterr().out.strip() == ""  # no eval data: empty result line
+
+
+def _capture_stage(monkeypatch) -> list:
+    """Replace the sft stage's run function with one that records the config it receives."""
+    seen: list = []
+    monkeypatch.setitem(STAGES, "sft", (LMConfig, lambda cfg: seen.append(cfg) or {"ok": 1}))
+    return seen
+
+
+def test_cli_overrides_reach_the_stage_config(sft_yaml, monkeypatch, capsys):
+    seen = _capture_stage(monkeypatch)
+    assert main(["sft", "--config", str(sft_yaml), "lr=0.002", "bf16=true", "batch_size=3"]) == 0
+    assert (seen[0].lr, seen[0].bf16, seen[0].batch_size, seen[0].steps) == (0.002, True, 3, 1)
+    assert seen[0].resume is False
+    assert capsys.readouterr().out.strip() == "ok=1"
+
+
+def test_cli_resume_after_overrides(sft_yaml, monkeypatch):
+    seen = _capture_stage(monkeypatch)
+    assert main(["sft", "--config", str(sft_yaml), "steps=2", "--resume"]) == 0
+    assert seen[0].resume is True and seen[0].steps == 2
+
+
+@pytest.mark.parametrize("argv", [["--resume"], ["--resume", "steps=2"]], ids=["alone", "before-overrides"])
+def test_cli_resume_flag_alone_or_first(sft_yaml, monkeypatch, argv):
+    seen = _capture_stage(monkeypatch)
+    assert main(["sft", "--config", str(sft_yaml), *argv]) == 0
+    assert seen[0].resume is True
