@@ -9,7 +9,13 @@ Both engines must produce exactly `--new-tokens` tokens per row, so neither may 
 - ours gets `eos_id=-1`, an id `torch.multinomial` can never return, so no row ever finishes;
 - HF gets `eos_token_id=None` (the exported config has no EOS either) plus `min_new_tokens=max_new_tokens`,
   so it has no EOS stopping criterion and stops only at the length limit.
-The output lengths are checked. Each engine gets one warm-up run, then the median of `--runs` timed runs.
+The output lengths are checked. Each engine gets one warm-up run, then the median of `--runs` timed runs,
+interleaved across engines.
+
+On CPU our sampler runs the fp32 linears through oneDNN with weights packed once per `generate` call
+(`minirlhf.generation.sampler.PACK_CPU_LINEARS`; packing is inside the timed call). `ours_plain_*` times the
+same sampler with that switched off (stock `F.linear`, as HF uses), so the two effects can be told apart;
+`--no-plain` skips it.
 
     python bench/generate.py [--preset mini --batch 16 --prompt-len 32 --new-tokens 128 --runs 3 --device cpu]
 
@@ -27,7 +33,7 @@ import warnings
 
 import torch
 
-from minirlhf.generation import SamplingConfig, generate
+from minirlhf.generation import SamplingConfig, generate, sampler
 from minirlhf.model import MiniMindLM, preset
 from minirlhf.model.hf_export import export_hf
 
@@ -37,16 +43,20 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _median_seconds(fn, runs: int, device: str) -> tuple[float, list[float]]:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        _sync(device)
-        start = time.perf_counter()
+def _time_interleaved(engines: dict, runs: int, device: str) -> dict[str, list[float]]:
+    """One warm-up call per engine, then `runs` rounds that time each engine once, in turn (so a change in
+    machine load hits every engine alike)."""
+    for fn in engines.values():
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(runs):
+        for name, fn in engines.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,6 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = leave torch's default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-plain", action="store_true", help="skip timing our sampler without packed linears")
     args = parser.parse_args(argv)
 
     import transformers
@@ -101,9 +112,20 @@ def main(argv: list[str] | None = None) -> dict:
             )
         assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
 
+    def run_ours_plain():
+        sampler.PACK_CPU_LINEARS = False
+        try:
+            run_ours()
+        finally:
+            sampler.PACK_CPU_LINEARS = True
+
+    engines = {"ours": run_ours, "hf": run_hf}
+    if not args.no_plain:
+        engines["ours_plain"] = run_ours_plain
+    times = _time_interleaved(engines, args.runs, args.device)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
     new_tokens = args.batch * args.new_tokens
-    ours_s, ours_times = _median_seconds(run_ours, args.runs, args.device)
-    hf_s, hf_times = _median_seconds(run_hf, args.runs, args.device)
+    plain_s = seconds.get("ours_plain")
     result = {
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -115,11 +137,12 @@ def main(argv: list[str] | None = None) -> dict:
         "top_k": args.top_k,
         "temperature": args.temperature,
         "runs": args.runs,
-        "ours_seconds": [round(t, 4) for t in ours_times],
-        "hf_seconds": [round(t, 4) for t in hf_times],
-        "ours_tokens_per_s": round(new_tokens / ours_s, 1),
-        "hf_tokens_per_s": round(new_tokens / hf_s, 1),
-        "speedup": round(hf_s / ours_s, 2),
+        "seconds": {name: [round(x, 3) for x in t] for name, t in times.items()},
+        "ours_tokens_per_s": round(new_tokens / seconds["ours"], 1),
+        "hf_tokens_per_s": round(new_tokens / seconds["hf"], 1),
+        "speedup": round(seconds["hf"] / seconds["ours"], 2),
+        "ours_plain_tokens_per_s": plain_s and round(new_tokens / plain_s, 1),
+        "speedup_plain": plain_s and round(seconds["hf"] / plain_s, 2),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }

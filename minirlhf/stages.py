@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .algorithms import dpo, grpo, rm, sft
+from .algorithms import dpo, grpo, ppo, rm, sft, spo
 from .config import field
 from .data.formats import load_pretrain
 from .data.task import write_task_data
@@ -47,5 +47,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "sft": (sft.LMConfig, sft.run),
     "rm": (rm.RMConfig, rm.run),
     "dpo": (dpo.DPOConfig, dpo.run),
+    "ppo": (ppo.PPOConfig, ppo.run),
     "grpo": (grpo.GRPOConfig, grpo.run),
+    "spo": (spo.SPOConfig, spo.run),
 }

@@ -67,11 +67,6 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query attention through SDPA. One-token decode steps fold each KV group's query heads into
-    the query axis, (b, kv_heads, groups, d) against (b, kv_heads, S, d): the same result as `enable_gqa`, but
-    SDPA runs b * kv_heads problems of `groups` queries instead of b * heads problems of one query (faster on
-    CPU, and k/v are never expanded)."""
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
@@ -83,26 +78,17 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 layer_cache: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
-        """cos/sin (batch, 1, T, head_dim); mask boolean (batch, 1, T, key) or None (plain causal)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
+        cos, sin = cos.unsqueeze(1).to(q.dtype), sin.unsqueeze(1).to(q.dtype)
         q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
         if layer_cache is not None:
             cache_k, cache_v, start = layer_cache
             cache_k[:, :, start:start + t] = k
             cache_v[:, :, start:start + t] = v
             k, v = cache_k[:, :, :start + t], cache_v[:, :, :start + t]
-        if t == 1:  # a single query sees every unmasked key, so no causal flag is needed
-            groups = self.num_heads // self.num_kv_heads
-            scores = q.reshape(b, self.num_kv_heads, groups, self.head_dim) @ k.transpose(-1, -2)
-            scores = scores * self.head_dim ** -0.5
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            out = scores.softmax(-1) @ v
-            return self.o_proj(out.reshape(b, 1, -1))
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )
@@ -180,10 +166,6 @@ def attention_mask_4d(attention_mask: torch.Tensor | None, query_len: int, past_
     if attention_mask is None and past_len == 0:
         return None
     key_len = past_len + query_len
-    if query_len == 1 and attention_mask is not None:  # a decode step: the key padding mask, plus the diagonal
-        mask = attention_mask[:, :key_len] != 0
-        mask[:, -1] = True
-        return mask[:, None, None]
     q_pos = torch.arange(past_len, key_len, device=device)[:, None]
     k_pos = torch.arange(key_len, device=device)[None, :]
     mask = (k_pos <= q_pos)[None]
@@ -228,7 +210,7 @@ class MiniMindLM(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
             else:
                 position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-        cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
+        cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         mask = attention_mask_4d(attention_mask, t, past, input_ids.device)
         x = self.embed_tokens(input_ids)
         aux_total = None

@@ -1,0 +1,125 @@
+"""PPO for language models (Ziegler et al., 2019; Ouyang et al., 2022), actor + critic.
+
+Per token t of a completion, the reward is -β·(log π_old - log π_ref) (the k1 KL estimate), plus the
+sequence score at the final token. A critic (scalar head; initialised from the reward model or the
+policy) gives V_t; GAE(γ, λ) gives advantages (whitened over the batch) and returns A + V. Each rollout
+is reused for `epochs_per_rollout` passes of mini-batches with
+    policy loss  -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A)                   token mean over the batch
+    value loss   ½ max((V - R)², (V_old + clip(V - V_old, ±value_clip) - R)²)
+An optional adaptive KL controller (Ziegler et al., 2019) moves β toward `kl_target`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..config import field
+from ..logprobs import masked_mean
+from ..model.heads import ScalarHeadModel
+from ..train.loop import train
+from .online import OnlineConfig, OnlineRL, load_online
+from .policy_gradient import aggregate, clipped_surrogate, gae, kl_estimate, masked_whiten
+
+
+@dataclass
+class PPOConfig(OnlineConfig):
+    critic_model: str = field("", "critic init dir: a reward model or a policy; empty = reward_model, else model")
+    gamma: float = field(0.99, "discount γ (1.0 is common for LMs)", min=0)
+    lam: float = field(0.95, "GAE λ", min=0)
+    vf_coef: float = field(0.5, "weight of the value loss", min=0)
+    value_clip: float = field(0.2, "clip of V - V_old in the value loss", gt=0)
+    whiten_advantages: bool = field(True, "normalise advantages to mean 0, std 1 over the batch")
+    adaptive_kl: bool = field(False, "adapt β toward kl_target (Ziegler et al., 2019)")
+    kl_target: float = field(0.1, "target KL per sequence for the adaptive controller", gt=0)
+    kl_horizon: int = field(100, "controller horizon in rollouts", min=1)
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                   clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """½ max((V - R)², (V_old + clip(V - V_old, -c, c) - R)²), token mean; also the share where the clip won."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    unclipped_err, clipped_err = (values - returns) ** 2, (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask)
+    return loss, masked_mean((clipped_err > unclipped_err).float(), mask)
+
+
+def adaptive_kl_update(beta: float, kl: float, target: float, horizon: int) -> float:
+    """β ← β (1 + clip(KL/target - 1, -0.2, 0.2) / horizon)."""
+    return beta * (1 + max(-0.2, min(0.2, kl / target - 1)) / horizon)
+
+
+class PPO(OnlineRL):
+    def __init__(self, policy, reference, tokenizer, prompts, reward, eval_prompts, critic, cfg: PPOConfig):
+        super().__init__(policy, reference, tokenizer, prompts, reward, eval_prompts, cfg=cfg)
+        self.critic = critic
+        self.modules = {"policy": policy, "critic": critic}
+        self.kl_coef = cfg.beta
+        self.explained_variance = self.last_seq_kl = 0.0
+
+    def _values(self, exp: dict[str, torch.Tensor]) -> torch.Tensor:
+        """V at each position t, aligned with log-probs (it values the state before token t+1)."""
+        return self.critic(exp["input_ids"], exp["attention_mask"])[:, :-1]
+
+    def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
+        exp = super().make_experience(rollout)
+        self.rollout_stats.update(kl_coef=self.kl_coef, seq_kl=self.last_seq_kl,
+                                  explained_variance=self.explained_variance)
+        if self.cfg.adaptive_kl and self.reference is not None:
+            self.kl_coef = adaptive_kl_update(self.kl_coef, self.last_seq_kl, self.cfg.kl_target, self.cfg.kl_horizon)
+        return exp
+
+    @torch.no_grad()
+    def advantages(self, exp: dict[str, torch.Tensor]) -> None:
+        cfg: PPOConfig = self.cfg
+        mask = exp["completion_mask"][:, 1:].float()
+        if "old_logps" not in exp:
+            exp["old_logps"] = self._logprobs(self.policy, exp)[0]
+        self.critic.eval()
+        values = self._values(exp) * mask
+        token_rewards = torch.zeros_like(mask)
+        if "ref_logps" in exp:
+            kl = kl_estimate(exp["old_logps"], exp["ref_logps"], "k1") * mask
+            token_rewards -= self.kl_coef * kl
+            self.last_seq_kl = float(kl.sum(1).mean())
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
+        token_rewards[torch.arange(len(last)), last] += exp["rewards"]
+        advantages, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = masked_whiten(advantages, mask)
+        residual_var = masked_mean((returns - values) ** 2, mask) - masked_mean(returns - values, mask) ** 2
+        returns_var = masked_mean(returns**2, mask) - masked_mean(returns, mask) ** 2
+        exp.update(advantages=advantages, returns=returns, values=values)
+        self.explained_variance = float(1 - residual_var / returns_var.clamp(min=1e-8))
+
+    def loss(self, batch):
+        cfg: PPOConfig = self.cfg
+        terms = self.policy_terms(batch)
+        per_token, clipped = clipped_surrogate(terms["logps"], terms["old_logps"], batch["advantages"],
+                                               cfg.clip_eps_low, cfg.clip_eps_high)
+        policy_loss = aggregate(per_token, terms["mask"], "dapo")
+        value_loss, value_clip_frac = ppo_value_loss(self._values(batch), batch["values"], batch["returns"],
+                                                     terms["mask"], cfg.value_clip)
+        metrics = self.common_metrics(terms, clipped)
+        metrics.update(policy_loss=float(policy_loss), value_loss=float(value_loss),
+                       value_clip_ratio=float(value_clip_frac))
+        return policy_loss + cfg.vf_coef * value_loss, metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kl_coef": self.kl_coef, "explained_variance": self.explained_variance,
+                "last_seq_kl": self.last_seq_kl}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.kl_coef, self.explained_variance = state["kl_coef"], state["explained_variance"]
+        self.last_seq_kl = state["last_seq_kl"]
+
+
+def run(cfg: PPOConfig) -> dict[str, float]:
+    tokenizer, policy, reference, reward, prompts, eval_prompts = load_online(cfg)
+    device = next(policy.parameters()).device
+    critic = ScalarHeadModel.from_pretrained(cfg.critic_model or cfg.reward_model or cfg.model, device)
+    algo = PPO(policy, reference, tokenizer, prompts, reward, eval_prompts, critic, cfg=cfg)
+    return train(algo, cfg, name="ppo")
