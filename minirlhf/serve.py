@@ -60,9 +60,9 @@ class APIError(Exception):
     """An error answered with an OpenAI-style JSON body."""
 
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 type: str = "invalid_request_error"):
+                 error_type: str = "invalid_request_error"):
         super().__init__(message)
-        self.status, self.message, self.code, self.param, self.type = status, message, code, param, type
+        self.status, self.message, self.code, self.param, self.type = status, message, code, param, error_type
 
     def response(self) -> JSONResponse:
         return JSONResponse({"error": {"message": self.message, "type": self.type, "param": self.param,
@@ -74,7 +74,7 @@ class _Job:
     prompt_ids: list[int]
     sampling: SamplingConfig
     seed: int | None
-    future: Future = field(default_factory=Future)  # resolves to the completion ids
+    future: Future[list[int]] = field(default_factory=Future)  # resolves to the completion ids
 
     def group_key(self) -> tuple:
         s = self.sampling
@@ -104,7 +104,7 @@ class BatchWorker:
         self._queue.put(None)
         self._thread.join()
 
-    def submit(self, prompt_ids: list[int], sampling: SamplingConfig, seed: int | None = None) -> Future:
+    def submit(self, prompt_ids: list[int], sampling: SamplingConfig, seed: int | None = None) -> Future[list[int]]:
         """Queue one prompt; the future resolves to its completion ids (ending with EOS if the model stopped)."""
         job = _Job(prompt_ids, sampling, seed)
         self._queue.put(job)
@@ -251,7 +251,7 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, api_key:
 
     @app.exception_handler(Exception)
     async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, "the server failed to process the request", type="server_error").response()
+        return APIError(500, "the server failed to process the request", error_type="server_error").response()
 
     def authorize(request: Request) -> None:
         if api_key is None:
