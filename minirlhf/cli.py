@@ -7,6 +7,7 @@ Training stages read their section of the YAML config; `key=value` overrides win
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -91,6 +92,37 @@ def _export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, api_key=os.environ.get(args.api_key_env) or None,
+          max_batch=args.max_batch, device=args.device)
+    return 0
+
+
+def _eval_pref(args: argparse.Namespace) -> int:
+    import json
+
+    from .algorithms.dpo import implicit_reward_accuracy
+    from .data.pairs import load_pairs, tokenize_pairs
+    from .eval import pair_sequence_logprobs, reward_model_accuracy
+    from .model import load_policy
+    from .model.heads import MARKER_FILE, ScalarHeadModel
+    from .tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.model)
+    pairs = tokenize_pairs(tokenizer, load_pairs(args.data), args.max_len)
+    if (Path(args.model) / MARKER_FILE).is_file():
+        metrics = reward_model_accuracy(ScalarHeadModel.from_pretrained(args.model).eval(), pairs, tokenizer.pad_id)
+    else:
+        if not args.ref:
+            raise ValueError("eval-pref: a policy needs --ref (the reference policy) for its implicit DPO reward")
+        ref = pair_sequence_logprobs(load_policy(args.ref).eval(), pairs, tokenizer.pad_id)[:2]
+        metrics = implicit_reward_accuracy(load_policy(args.model).eval(), pairs, ref, args.beta, tokenizer.pad_id)
+    print(json.dumps({"pairs": len(pairs), **metrics}))
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -120,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-hf", help="export a native model to Hugging Face Llama format")
     p.add_argument("--model", required=True, help="native model dir")
     p.add_argument("--out", required=True, help="output dir")
+    p = sub.add_parser("serve", help="serve a model with an OpenAI-compatible API (/v1/chat/completions)")
+    p.add_argument("--model", required=True, help="model dir")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key-env", default="MINIRLHF_API_KEY", help="env var with the bearer key (unset = open)")
+    p.add_argument("--max-batch", type=int, default=16, help="concurrent requests batched per generation")
+    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("eval-pref", help="held-out preference accuracy of a reward model or a DPO policy")
+    p.add_argument("--model", required=True, help="reward model dir, or policy dir (then --ref)")
+    p.add_argument("--ref", help="reference policy dir, for a policy's implicit reward")
+    p.add_argument("--data", required=True, help="preference JSONL")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--max-len", type=int, default=256)
     p = sub.add_parser("demo", help="run every stage on the embedded task and print the results table")
     p.add_argument("--config", help=f"YAML config (default {DEFAULT_CONFIG})")
     p.add_argument("--stages", nargs="*", help="run only these stages")
@@ -136,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in STAGES:
             return _stage_command(args.command, args)
-        return {"generate": _generate, "chat": _chat, "export-hf": _export_hf, "demo": _demo}[args.command](args)
-    except (DataError, ConfigError, FileNotFoundError, NonFiniteError) as e:
+        commands = {"generate": _generate, "chat": _chat, "export-hf": _export_hf, "serve": _serve,
+                    "eval-pref": _eval_pref, "demo": _demo}
+        return commands[args.command](args)
+    except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ImportError) as e:
         print(f"minirlhf: error: {e}", file=sys.stderr)
         return 2
     except ValueError as e:  # invalid model files, tokenizer mismatches and similar user-fixable problems

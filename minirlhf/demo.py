@@ -18,11 +18,11 @@ from .config import ConfigError, load_stage_config
 from .stages import STAGES
 from .train.plots import plot_metrics
 
-COLUMNS = ("accuracy", "pref_accuracy", "reward", "kl")
+COLUMNS = ("accuracy", "pref_accuracy", "agreement", "reward", "kl")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ["stage", "held-out accuracy", "pref. accuracy", "reward", "KL", "minutes"]
+    header = ["stage", "held-out accuracy", "pref. accuracy", "judge agreement", "reward", "KL", "minutes"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         cells = [row["stage"]] + [

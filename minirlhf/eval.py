@@ -68,3 +68,24 @@ def reward_model_accuracy(reward_model: nn.Module, pairs, pad_id: int, batch_siz
         margins.append(scores[: len(rows)] - scores[len(rows):])
     margin = torch.cat(margins)
     return {"pref_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
+
+
+
+def judge_agreement(judge: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Message]],
+                    threshold: int = 6, max_new_tokens: int = 8) -> dict[str, float]:
+    """How often a generative judge's "Score: N" falls on the same side of `threshold` as the reference
+    reply (the conversation's last, assistant, turn); unparsable replies count as disagreement."""
+    from .rewards.judge import parse_score
+
+    was_training = judge.training
+    judge.eval()
+    replies = generate_responses(judge, tokenizer, [c[:-1] for c in conversations],
+                                 SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+    judge.train(was_training)
+    agree = parsed = 0
+    for reply, conversation in zip(replies, conversations):
+        score, gold = parse_score(reply), parse_score(conversation[-1]["content"])
+        parsed += score is not None
+        agree += score is not None and gold is not None and (score >= threshold) == (gold >= threshold)
+    n = max(1, len(conversations))
+    return {"agreement": agree / n, "parse_rate": parsed / n}

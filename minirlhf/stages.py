@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .algorithms import dpo, grpo, ppo, rm, sft, spo
+from .algorithms import dpo, grpo, online_dpo, ppo, rm, sft, spo
 from .config import field
 from .data.formats import load_pretrain
 from .data.task import write_task_data
@@ -50,4 +50,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "ppo": (ppo.PPOConfig, ppo.run),
     "grpo": (grpo.GRPOConfig, grpo.run),
     "spo": (spo.SPOConfig, spo.run),
+    "judge": (sft.LMConfig, sft.run),  # SFT of a generative judge (eval_kind: judge)
+    "rlaif": (grpo.GRPOConfig, grpo.run),  # GRPO with `reward: judge`
+    "online-dpo": (online_dpo.OnlineDPOConfig, online_dpo.run),
 }

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..config import field
 from ..data.batching import StepBatches
@@ -67,6 +68,18 @@ def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, re
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
     return losses, beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+
+
+def implicit_reward_accuracy(policy: nn.Module, pairs, ref_logps: tuple[torch.Tensor, torch.Tensor] | None,
+                             beta: float, pad_id: int, loss_type: str = "sigmoid", simpo_gamma: float = 0.5
+                             ) -> dict[str, float]:
+    """Held-out share of pairs whose implicit DPO reward β(log π - log π_ref) is higher for the chosen response
+    (SimPO: length-normalised log π, no reference), and the mean reward margin."""
+    chosen, rejected, c_len, r_len = pair_sequence_logprobs(policy, pairs, pad_id)
+    ref_c, ref_r = ref_logps if ref_logps is not None else (None, None)
+    _, r_c, r_r = preference_loss(chosen, rejected, ref_c, ref_r, c_len, r_len, beta, loss_type,
+                                  simpo_gamma=simpo_gamma)
+    return {"pref_accuracy": float((r_c > r_r).float().mean()), "margin": float((r_c - r_r).mean())}
 
 
 @dataclass
@@ -138,22 +151,15 @@ class DPO(Algorithm):
     def evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.eval_pairs:
-            chosen, rejected, c_len, r_len = pair_sequence_logprobs(self.policy, self.eval_pairs, self.tokenizer.pad_id)
-            if self.eval_ref_logps is not None:
-                ref_c, ref_r = self.eval_ref_logps
-            elif self.uses_ref:
-                ref_c, ref_r = pair_sequence_logprobs(self.reference, self.eval_pairs, self.tokenizer.pad_id)[:2]
-            else:
-                ref_c = ref_r = None
-            _, r_c, r_r = preference_loss(chosen, rejected, ref_c, ref_r, c_len, r_len, self.cfg.beta,
-                                          self.cfg.loss_type, simpo_gamma=self.cfg.simpo_gamma)
-            metrics["pref_accuracy"] = float((r_c > r_r).float().mean())
-            metrics["margin"] = float((r_c - r_r).mean())
+            ref = self.eval_ref_logps
+            if ref is None and self.uses_ref:
+                ref = pair_sequence_logprobs(self.reference, self.eval_pairs, self.tokenizer.pad_id)[:2]
+            metrics.update(implicit_reward_accuracy(self.policy, self.eval_pairs, ref, self.cfg.beta,
+                                                    self.tokenizer.pad_id, self.cfg.loss_type, self.cfg.simpo_gamma))
         if self.eval_prompts:
             metrics["accuracy"] = task_accuracy(self.policy, self.tokenizer, self.eval_prompts,
                                                 self.cfg.max_new_tokens)
         return metrics
-
 
 def run(cfg: DPOConfig) -> dict[str, float]:
     if not cfg.data or not cfg.model:

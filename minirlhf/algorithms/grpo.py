@@ -56,7 +56,7 @@ class GRPO(OnlineRL):
         self.samples_per_prompt = cfg.group_size
         super().__init__(*args, cfg=cfg)
 
-    def advantages(self, exp: dict[str, torch.Tensor]) -> None:
+    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg: GRPOConfig = self.cfg
         rewards, mask = exp["rewards"], exp["completion_mask"][:, 1:].float()
         if cfg.advantage == "reinforce_pp":
@@ -69,17 +69,17 @@ class GRPO(OnlineRL):
                     policy_logps = self._logprobs(self.policy, exp)[0]
                 token_rewards = token_rewards - cfg.beta * kl_estimate(policy_logps, exp["ref_logps"], "k1") * mask
             exp["advantages"] = masked_whiten(discounted_returns(token_rewards, mask), mask)
-            return
+            return {}
         if cfg.advantage == "rloo":
             per_sequence = rloo_advantages(rewards, cfg.group_size)
         else:
             per_sequence = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
+        flat = rewards.view(-1, cfg.group_size)
+        informative = (flat.max(1).values > flat.min(1).values).repeat_interleave(cfg.group_size)
         if cfg.skip_zero_variance:
-            flat = rewards.view(-1, cfg.group_size)
-            keep = (flat.max(1).values > flat.min(1).values).repeat_interleave(cfg.group_size)
-            exp["completion_mask"] = exp["completion_mask"] * keep[:, None]
-            self.rollout_skipped = float(1 - keep.float().mean())
+            exp["completion_mask"] = exp["completion_mask"] * informative[:, None]
         exp["advantages"] = per_sequence[:, None] * mask
+        return {"zero_variance_groups": float(1 - informative.float().mean())}
 
     def loss(self, batch):
         cfg: GRPOConfig = self.cfg

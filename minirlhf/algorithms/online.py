@@ -28,6 +28,7 @@ from ..logprobs import completion_logprobs, masked_mean
 from ..model import load_policy
 from ..model.heads import ScalarHeadModel
 from ..rewards import RewardModelReward, build_reward
+from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
 from ..tokenizer import Tokenizer
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything
 from .policy_gradient import kl_estimate
@@ -47,6 +48,11 @@ class OnlineConfig(TrainConfig):
     eval_samples: int = field(200, "held-out prompts to evaluate", min=1)
     reward: str = field("answer:1,format:0.1", "weighted rewards: answer, format, rm, judge (name:weight,...)")
     reward_model: str = field("", "reward model dir, for the `rm` reward")
+    judge_model: str = field("", "judge model dir (local backend), for the `judge` reward")
+    judge_url: str = field("", "OpenAI-compatible judge URL, e.g. http://127.0.0.1:8000/v1 (wins over judge_model)")
+    judge_name: str = field("judge", "model name sent to the judge endpoint")
+    judge_api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the judge endpoint's API key")
+    judge_fallback: float = field(0.0, "reward when the judge's reply is unparsable or the call fails (counted)")
     reward_clip: float = field(10.0, "rewards are clipped to [-reward_clip, reward_clip]", gt=0)
     prompts_per_rollout: int = field(16, "prompts sampled per rollout", min=1)
     epochs_per_rollout: int = field(1, "passes over each rollout's experience (μ in GRPO, PPO epochs)", min=1)
@@ -63,6 +69,7 @@ class OnlineConfig(TrainConfig):
 
 class OnlineRL(Algorithm):
     samples_per_prompt = 1
+    shuffle_rows = True  # False keeps consecutive rows together in mini-batches (online DPO's pairs)
 
     def __init__(self, policy, reference, tokenizer: Tokenizer, prompts: list[PromptExample], reward,
                  eval_prompts: list[PromptExample], cfg: OnlineConfig) -> None:
@@ -108,8 +115,7 @@ class OnlineRL(Algorithm):
                        self.tokenizer.pad_id, generator)
         texts = self.tokenizer.batch_decode(out.completions())
         examples = [self.prompts[i] for i in rows]
-        rewards = self.reward.score([e.prompt for e in examples], texts, [{"answer": e.answer} for e in examples])
-        rewards = rewards.float().clamp(-self.cfg.reward_clip, self.cfg.reward_clip).to(self.device)
+        rewards = self.score(examples, texts).float().clamp(-self.cfg.reward_clip, self.cfg.reward_clip).to(self.device)
         exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
                "completion_mask": out.full_completion_mask, "rewards": rewards,
                "prompt_index": torch.as_tensor(rows, device=self.device)}
@@ -118,15 +124,22 @@ class OnlineRL(Algorithm):
             exp["old_logps"] = self._logprobs(self.policy, exp)[0]
         if self.reference is not None:
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
-        self.advantages(exp)
-        stats = {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                 "completion_len": float(mask.sum(1).mean())}
+        stats = self.advantages(exp)
+        stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+                 "completion_len": float(mask.sum(1).mean())})
         for name, part in getattr(self.reward, "last_parts", {}).items():
             stats[f"reward/{name}"] = float(part.mean())
+        for fn, _ in getattr(self.reward, "parts", []):
+            stats.update(getattr(fn, "stats", {}))
         self.rollout_stats = stats
         return exp
 
-    def advantages(self, exp: dict[str, torch.Tensor]) -> None:
+    def score(self, examples: list[PromptExample], texts: list[str]) -> torch.Tensor:
+        """Rewards of one rollout's completions (one per row)."""
+        return self.reward.score([e.prompt for e in examples], texts, [{"answer": e.answer} for e in examples])
+
+    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Add the method's training targets to `exp` (e.g. exp["advantages"], per token); return rollout stats."""
         raise NotImplementedError
 
     # --- the loop's interface --------------------------------------------------------------------------
@@ -139,7 +152,8 @@ class OnlineRL(Algorithm):
         size = self.cfg.batch_size * self.cfg.grad_accum
         n = self.experience["rewards"].shape[0]
         generator = torch.Generator().manual_seed(self.cfg.seed * 7_919 + rollout * 101 + epoch)
-        order = torch.randperm(n, generator=generator) if self.minibatches_per_epoch > 1 else torch.arange(n)
+        shuffle = self.minibatches_per_epoch > 1 and self.shuffle_rows
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         rows = order[minibatch * size:(minibatch + 1) * size].to(self.device)
         return [{k: v[rows[i:i + self.cfg.batch_size]] for k, v in self.experience.items()}
                 for i in range(0, size, self.cfg.batch_size)]
@@ -187,7 +201,16 @@ class OnlineRL(Algorithm):
         self.rollout_stats, self.history = state["rollout_stats"], state["history"]
 
 
-def load_online(cfg: OnlineConfig, extra_rewards: dict | None = None):
+def judge_backend(cfg: OnlineConfig, device: torch.device) -> JudgeBackend:
+    """The judge the config names: an HTTP endpoint if judge_url is set, else a local model dir."""
+    if cfg.judge_url:
+        return HTTPJudgeBackend(cfg.judge_url, cfg.judge_name, api_key_env=cfg.judge_api_key_env)
+    if not cfg.judge_model:
+        raise ValueError("the judge needs `judge_model` (a local model dir) or `judge_url` (an OpenAI-compatible API)")
+    return LocalJudgeBackend(load_policy(cfg.judge_model, device).eval(), Tokenizer.load(cfg.judge_model))
+
+
+def load_online(cfg: OnlineConfig):
     """Tokenizer, policy, reference (None when β = 0), reward, prompts and held-out prompts for a run."""
     if not cfg.model or not cfg.data:
         raise ValueError("set `model` (the starting policy dir) and `data` (prompt JSONL)")
@@ -204,7 +227,10 @@ def load_online(cfg: OnlineConfig, extra_rewards: dict | None = None):
             raise ValueError("the `rm` reward needs `reward_model` (a dir written by `minirlhf rm`)")
         return RewardModelReward(ScalarHeadModel.from_pretrained(cfg.reward_model, device), tokenizer)
 
-    reward = build_reward(cfg.reward, {"rm": reward_model, **(extra_rewards or {})})
+    def judge():
+        return PointwiseJudge(judge_backend(cfg, device), fallback=cfg.judge_fallback)
+
+    reward = build_reward(cfg.reward, {"rm": reward_model, "judge": judge})
     prompts = load_prompts(cfg.data, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
     eval_prompts = load_prompts(cfg.eval_data, prompt_field=cfg.prompt_field,
                                 answer_field=cfg.answer_field)[: cfg.eval_samples] if cfg.eval_data else []

@@ -57,7 +57,7 @@ class PPO(OnlineRL):
         self.critic = critic
         self.modules = {"policy": policy, "critic": critic}
         self.kl_coef = cfg.beta
-        self.explained_variance = self.last_seq_kl = 0.0
+        self.last_seq_kl = 0.0
 
     def _values(self, exp: dict[str, torch.Tensor]) -> torch.Tensor:
         """V at each position t, aligned with log-probs (it values the state before token t+1)."""
@@ -65,14 +65,13 @@ class PPO(OnlineRL):
 
     def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
         exp = super().make_experience(rollout)
-        self.rollout_stats.update(kl_coef=self.kl_coef, seq_kl=self.last_seq_kl,
-                                  explained_variance=self.explained_variance)
+        self.rollout_stats["kl_coef"] = self.kl_coef
         if self.cfg.adaptive_kl and self.reference is not None:
             self.kl_coef = adaptive_kl_update(self.kl_coef, self.last_seq_kl, self.cfg.kl_target, self.cfg.kl_horizon)
         return exp
 
     @torch.no_grad()
-    def advantages(self, exp: dict[str, torch.Tensor]) -> None:
+    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg: PPOConfig = self.cfg
         mask = exp["completion_mask"][:, 1:].float()
         if "old_logps" not in exp:
@@ -92,7 +91,7 @@ class PPO(OnlineRL):
         residual_var = masked_mean((returns - values) ** 2, mask) - masked_mean(returns - values, mask) ** 2
         returns_var = masked_mean(returns**2, mask) - masked_mean(returns, mask) ** 2
         exp.update(advantages=advantages, returns=returns, values=values)
-        self.explained_variance = float(1 - residual_var / returns_var.clamp(min=1e-8))
+        return {"seq_kl": self.last_seq_kl, "explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8))}
 
     def loss(self, batch):
         cfg: PPOConfig = self.cfg
@@ -108,13 +107,11 @@ class PPO(OnlineRL):
         return policy_loss + cfg.vf_coef * value_loss, metrics
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "kl_coef": self.kl_coef, "explained_variance": self.explained_variance,
-                "last_seq_kl": self.last_seq_kl}
+        return {**super().state_dict(), "kl_coef": self.kl_coef, "last_seq_kl": self.last_seq_kl}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.kl_coef, self.explained_variance = state["kl_coef"], state["explained_variance"]
-        self.last_seq_kl = state["last_seq_kl"]
+        self.kl_coef, self.last_seq_kl = state["kl_coef"], state["last_seq_kl"]
 
 
 def run(cfg: PPOConfig) -> dict[str, float]:

@@ -16,7 +16,7 @@ import torch
 from ..config import field
 from ..data.batching import StepBatches, pack, pad_right
 from ..data.formats import load_pretrain, load_prompts, load_sft
-from ..eval import task_accuracy
+from ..eval import judge_agreement, task_accuracy
 from ..logprobs import gather_logprobs
 from ..model import MiniMindLM, load_policy, preset
 from ..tokenizer import Tokenizer
@@ -39,7 +39,9 @@ class LMConfig(TrainConfig):
     preset: str = field("tiny", "model size for a new model: tiny | mini | base")
     tokenizer: str = field("", "tokenizer dir; empty = the one saved with `model`")
     data: str = field("", "training JSONL ({text} for pretrain, {conversations|messages} for sft)")
-    eval_data: str = field("", "held-out JSONL: {text} (pretrain: loss) or {prompt, answer} (sft: accuracy)")
+    eval_data: str = field("", "held-out JSONL: {text} (pretrain: loss), {prompt, answer} (sft: task accuracy) "
+                                "or judge conversations (eval_kind: judge)")
+    eval_kind: Literal["task", "judge"] = field("task", "sft eval: task accuracy, or agreement of a trained judge")
     eval_samples: int = field(200, "held-out examples to evaluate", min=1)
     max_len: int = field(128, "tokens per sequence; longer conversations are truncated (and counted)", min=8)
     max_new_tokens: int = field(48, "generation budget for held-out accuracy", min=1)
@@ -77,6 +79,8 @@ class LanguageModeling(Algorithm):
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
             return {}
+        if self.cfg.mode == "sft" and self.cfg.eval_kind == "judge":
+            return judge_agreement(self.model, self.tokenizer, self.eval_examples)
         if self.cfg.mode == "sft":
             return {"accuracy": task_accuracy(self.model, self.tokenizer, self.eval_examples,
                                               self.cfg.max_new_tokens)}
@@ -124,7 +128,10 @@ def build(cfg: LMConfig) -> LanguageModeling:
             eval_examples = [(b, [1] * len(b)) for b in eval_blocks[: cfg.eval_samples]]
     else:
         examples = tokenize_conversations(tokenizer, load_sft(cfg.data), cfg.max_len)
-        eval_examples = load_prompts(cfg.eval_data)[: cfg.eval_samples] if cfg.eval_data else None
+        eval_examples = None
+        if cfg.eval_data:
+            loader = load_sft if cfg.eval_kind == "judge" else load_prompts
+            eval_examples = loader(cfg.eval_data)[: cfg.eval_samples]
     return LanguageModeling(model, tokenizer, examples, cfg, eval_examples)
 
 

@@ -73,7 +73,6 @@ class SPO(OnlineRL):
         super().__init__(*args, cfg=cfg)
         slots = len(self.prompts) if cfg.tracker == "per_prompt" else 1
         self.tracker = BetaValueTracker(slots, cfg.d_half, cfg.rho_min, cfg.rho_max)
-        self.tracker_stats: dict[str, float] = {}
 
     def _slots(self, prompt_index: torch.Tensor) -> torch.Tensor:
         return prompt_index.cpu() if self.cfg.tracker == "per_prompt" else torch.zeros_like(prompt_index.cpu())
@@ -88,7 +87,7 @@ class SPO(OnlineRL):
         return torch.multinomial(weights, cfg.prompts_per_rollout, replacement=False, generator=generator).tolist()
 
     @torch.no_grad()
-    def advantages(self, exp: dict[str, torch.Tensor]) -> None:
+    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg: SPOConfig = self.cfg
         mask = exp["completion_mask"][:, 1:].float()
         rewards01 = ((exp["rewards"] - cfg.reward_min) / (cfg.reward_max - cfg.reward_min)).clamp(0, 1).cpu()
@@ -101,22 +100,21 @@ class SPO(OnlineRL):
             logps = self._logprobs(self.policy, exp)[0]
         rho = self.tracker.update(slots, rewards01, masked_mean(logps, mask, dim=1).cpu())
         exp["advantages"] = adv.to(mask.device)[:, None] * mask
-        self.tracker_stats = {"baseline": float(baseline.mean()), "rho": float(rho.mean())}
+        return {"baseline": float(baseline.mean()), "rho": float(rho.mean())}
 
     def loss(self, batch):
         cfg: SPOConfig = self.cfg
         terms = self.policy_terms(batch)
         loss, clipped = grpo_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
                                   cfg.clip_eps_low, cfg.clip_eps_high, terms.get("kl"), cfg.beta, "grpo")
-        return loss, {**self.common_metrics(terms, clipped), **self.tracker_stats}
+        return loss, self.common_metrics(terms, clipped)
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "tracker": self.tracker.state_dict(), "tracker_stats": self.tracker_stats}
+        return {**super().state_dict(), "tracker": self.tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.tracker.load_state_dict(state["tracker"])
-        self.tracker_stats = state["tracker_stats"]
 
 
 def run(cfg: SPOConfig) -> dict[str, float]:

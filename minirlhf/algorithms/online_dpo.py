@@ -1,0 +1,104 @@
+"""Online DPO (Guo et al., 2024, "Direct Language Model Alignment from Online AI Feedback").
+
+Each rollout samples two responses per prompt from the current policy; a pairwise AI judge (both orders,
+to cancel position bias) or the configured reward decides which is chosen; ties are dropped. The DPO loss
+(any `loss_type` of dpo.py) is then taken on these fresh pairs, with reference log-probs from a batched
+no-grad pass at rollout time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from ..config import field
+from ..data.pairs import load_pairs, tokenize_pairs
+from ..eval import pair_sequence_logprobs
+from ..rewards.judge import PairwiseJudge
+from ..train.loop import train
+from .dpo import LossType, implicit_reward_accuracy, preference_loss
+from .online import OnlineConfig, OnlineRL, judge_backend, load_online
+
+
+@dataclass
+class OnlineDPOConfig(OnlineConfig):
+    preference: Literal["judge", "reward"] = field("judge", "who picks the chosen response: the pairwise judge, "
+                                                   "or the pointwise `reward` (e.g. answer correctness)")
+    loss_type: LossType = field("sigmoid", "DPO loss variant (see dpo.py)")
+    label_smoothing: float = field(0.0, "ε for cDPO / robust DPO", min=0)
+    eval_pref_data: str = field("", "held-out preference JSONL: implicit-reward preference accuracy")
+    max_len: int = field(256, "tokens per held-out preference sequence", min=8)
+
+
+class OnlineDPO(OnlineRL):
+    samples_per_prompt = 2
+    shuffle_rows = False
+
+    def __init__(self, *args, pairwise: PairwiseJudge | None, eval_pairs, cfg: OnlineDPOConfig) -> None:
+        super().__init__(*args, cfg=cfg)
+        if cfg.batch_size % 2:
+            raise ValueError("online-dpo: batch_size must be even (pairs stay together)")
+        self.pairwise, self.eval_pairs = pairwise, eval_pairs
+        self.eval_ref_logps = pair_sequence_logprobs(self.reference, eval_pairs, self.tokenizer.pad_id)[:2] \
+            if eval_pairs else None
+
+    def score(self, examples, texts) -> torch.Tensor:
+        if self.pairwise is None:
+            return super().score(examples, texts)
+        p_first = self.pairwise.compare([e.prompt for e in examples[0::2]], texts[0::2], texts[1::2])
+        self.judge_stats = dict(self.pairwise.stats)
+        return torch.stack([p_first, 1 - p_first], dim=1).view(-1)
+
+    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
+        """No advantages: mark each row chosen (1) or rejected (0), and whether its pair is usable."""
+        pairs = exp["rewards"].view(-1, 2)
+        valid = (pairs[:, 0] != pairs[:, 1]).float()
+        first_wins = (pairs[:, 0] > pairs[:, 1]).float()
+        exp["is_chosen"] = torch.stack([first_wins, 1 - first_wins], dim=1).view(-1)
+        exp["pair_valid"] = valid.repeat_interleave(2)
+        return {"valid_pairs": float(valid.mean()), **getattr(self, "judge_stats", {})}
+
+    def loss(self, batch):
+        cfg: OnlineDPOConfig = self.cfg
+        terms = self.policy_terms(batch)
+        mask = terms["mask"]
+        seq = (terms["logps"] * mask).sum(1).view(-1, 2)
+        ref = (batch["ref_logps"] * mask).sum(1).view(-1, 2)
+        lengths = mask.sum(1).view(-1, 2)
+        first = batch["is_chosen"].view(-1, 2)[:, 0] > 0
+
+        def chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return torch.where(first, x[:, 0], x[:, 1]), torch.where(first, x[:, 1], x[:, 0])
+
+        (chosen, rejected), (ref_c, ref_r), (len_c, len_r) = map(chosen_rejected, (seq, ref, lengths))
+        losses, r_c, r_r = preference_loss(chosen, rejected, ref_c, ref_r, len_c, len_r, cfg.beta, cfg.loss_type,
+                                           cfg.label_smoothing)
+        valid = batch["pair_valid"].view(-1, 2)[:, 0]
+        loss = (losses * valid).sum() / valid.sum().clamp(min=1)
+        metrics = self.common_metrics(terms, torch.zeros_like(mask))
+        if valid.sum() > 0:
+            metrics["rewards/accuracy"] = float(((r_c > r_r).float() * valid).sum() / valid.sum())
+            metrics["rewards/margin"] = float(((r_c - r_r) * valid).sum() / valid.sum())
+        return loss, metrics
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = super().evaluate()
+        if self.eval_pairs:
+            metrics.update(implicit_reward_accuracy(self.policy, self.eval_pairs, self.eval_ref_logps,
+                                                    self.cfg.beta, self.tokenizer.pad_id, self.cfg.loss_type))
+        return metrics
+
+
+def run(cfg: OnlineDPOConfig) -> dict[str, float]:
+    if cfg.beta <= 0:
+        raise ValueError("online-dpo: beta must be > 0 (it is DPO's β and needs the reference policy)")
+    tokenizer, policy, reference, reward, prompts, eval_prompts = load_online(cfg)
+    device = next(policy.parameters()).device
+    pairwise = PairwiseJudge(judge_backend(cfg, device)) if cfg.preference == "judge" else None
+    eval_pairs = tokenize_pairs(tokenizer, load_pairs(cfg.eval_pref_data)[: cfg.eval_samples], cfg.max_len) \
+        if cfg.eval_pref_data else []
+    algo = OnlineDPO(policy, reference, tokenizer, prompts, reward, eval_prompts, pairwise=pairwise,
+                     eval_pairs=eval_pairs, cfg=cfg)
+    return train(algo, cfg, name="online-dpo")
