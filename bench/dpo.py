@@ -1,0 +1,216 @@
+"""DPO training speed: our `DPO` algorithm in our training loop vs `trl.DPOTrainer`, same model, data and batch.
+
+Both engines train the same randomly initialised Hugging Face `LlamaForCausalLM` (one seeded init, a deep copy
+each), in the same process with the same torch thread count, on the same preference pairs
+(`minirlhf.data.task.preference_records`) tokenized by the same BPE (trained here with `train_tokenizer`; TRL
+gets it saved and reloaded as a `PreTrainedTokenizerFast`). TRL is fed the chat-rendered prompt text and the
+response text, so its own tokenization gives exactly our token ids (checked: `same_tokens`); every sequence
+is prompt + response + <|im_end|>, with the loss on the response and <|im_end|>.
+
+Settings made equal: batch size (pairs per optimizer step, one micro-batch), max length, β, sigmoid loss,
+learning rate, AdamW (`torch.optim.AdamW`, non-fused, betas 0.9/0.95, no weight decay: TRL's `optim` is set
+to `adamw_torch`), gradient clipping at 1.0, fp32 (TRL's bf16 default off) and no gradient checkpointing
+(TRL's default on, turned off). Reference log-probs are precomputed once before training by both (ours:
+`precompute_ref`, TRL: `precompute_ref_log_probs`), so neither runs a reference model during training;
+`--live-ref` turns precompute off for both, and each then runs a frozen copy of the initial model every step.
+
+Ours runs through `minirlhf.train.loop.train`, the loop every stage uses (micro-batches, loss, backward,
+clipping, AdamW, schedule, a metrics.jsonl row per step); TRL through `trainer.train()` with logging off.
+Only the optimizer-step phase is timed: setup (TRL's dataset tokenization and reference precompute, our pair
+tokenization and precompute) is excluded. Each engine's step-end times are recorded (ours: the `elapsed_s`
+the loop logs after each optimizer step; TRL: a callback's `on_step_end`), the first `--warmup` steps are
+dropped, and steps/s = (steps - warmup) / (time of the last step end - time of the warm-up's last step end).
+With `--rounds` > 1 the engines alternate (ours, TRL, ours, ...) with fresh models and the median is taken.
+
+    python bench/dpo.py [--rounds 3 --steps 30 --warmup 5 --batch 8 --max-len 256 --hidden 64 --layers 2 --threads 1]
+
+Prints one JSON object; `speedup` = our steps/s / TRL's steps/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from minirlhf.algorithms.dpo import DPO, DPOConfig
+from minirlhf.data.formats import PreferencePair
+from minirlhf.data.pairs import tokenize_pairs
+from minirlhf.data.task import generate_problems, preference_records, pretrain_texts, sft_records
+from minirlhf.tokenizer import Tokenizer, train_tokenizer
+from minirlhf.train.loop import train
+
+
+def task_tokenizer(vocab_size: int) -> Tokenizer:
+    """A byte-level BPE trained on the embedded task (plain text plus chat-formatted conversations)."""
+    problems = generate_problems(300, seed=0)
+    texts = pretrain_texts(problems, seed=0)
+    for rec in sft_records(problems[:100]):
+        texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in rec["conversations"]))
+    return train_tokenizer(texts, vocab_size)
+
+
+def steps_per_second(step_ends: list[float], warmup: int) -> float:
+    """Steps after the first `warmup`, divided by the time from the end of step `warmup` to the last step's end."""
+    return (len(step_ends) - warmup) / (step_ends[-1] - step_ends[warmup - 1])
+
+
+def run_ours(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out_dir: Path) -> dict:
+    cfg = DPOConfig(out_dir=str(out_dir), steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
+                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, seed=args.seed, device="cpu",
+                    progress=False, max_len=args.max_len, beta=args.beta, loss_type="sigmoid",
+                    precompute_ref=not args.live_ref)
+    tokenized = tokenize_pairs(tokenizer, pairs, cfg.max_len)
+    # as `dpo.run` does: the reference is the starting policy (precomputed in __init__), or a frozen copy of it
+    reference = copy.deepcopy(model) if args.live_ref else model
+    algo = DPO(model, reference, tokenizer, tokenized, [], [], cfg)
+    with contextlib.redirect_stdout(sys.stderr):
+        train(algo, cfg, name="dpo")
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "elapsed_s" in r]
+    assert len(rows) == args.steps, len(rows)
+    return {"steps_per_s": steps_per_second([r["elapsed_s"] for r in rows], args.warmup),
+            "loss_mean": statistics.fmean(r["loss"] for r in rows), "first_loss": rows[0]["loss"],
+            "ids": [(p.chosen_ids, p.rejected_ids, p.chosen_start, p.rejected_start) for p in tokenized]}
+
+
+def run_trl(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out_dir: Path) -> dict:
+    from datasets import Dataset
+    from transformers import PreTrainedTokenizerFast, TrainerCallback
+    from trl import DPOConfig as TRLDPOConfig
+    from trl import DPOTrainer
+
+    tokenizer.save(out_dir / "tokenizer")
+    hf_tokenizer = PreTrainedTokenizerFast.from_pretrained(str(out_dir / "tokenizer"))
+
+    def prompt_text(messages) -> str:  # the chat template as text: tokenizes to exactly `encode_prompt`'s ids
+        return tokenizer.decode(tokenizer.encode_prompt(messages), skip_special_tokens=False)
+
+    dataset = Dataset.from_dict({"prompt": [prompt_text(p.prompt) for p in pairs],
+                                 "chosen": [p.chosen for p in pairs], "rejected": [p.rejected for p in pairs]})
+    step_ends: list[float] = []
+
+    class StepTimes(TrainerCallback):
+        def on_step_end(self, *_, **__):
+            step_ends.append(time.perf_counter())
+
+    config = TRLDPOConfig(
+        output_dir=str(out_dir / "trl"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0,
+        weight_decay=0.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+        max_length=args.max_len, beta=args.beta, loss_type=["sigmoid"], precompute_ref_log_probs=not args.live_ref,
+        precompute_ref_batch_size=32, bf16=False, gradient_checkpointing=False, use_cpu=True, seed=args.seed,
+        report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+    )
+    reference = copy.deepcopy(model).eval() if args.live_ref else None
+    trainer = DPOTrainer(model=model, ref_model=reference, args=config, train_dataset=dataset,
+                         processing_class=hf_tokenizer, callbacks=[StepTimes()])
+    ids = [(p + c, p + r, len(p), len(p)) for p, c, r in zip(trainer.train_dataset["prompt_ids"],
+                                                           trainer.train_dataset["chosen_ids"],
+                                                           trainer.train_dataset["rejected_ids"])]
+    with contextlib.redirect_stdout(sys.stderr):
+        output = trainer.train()
+    assert len(step_ends) == args.steps, len(step_ends)
+    return {"steps_per_s": steps_per_second(step_ends, args.warmup), "loss_mean": output.training_loss, "ids": ids,
+            "optim": str(trainer.args.optim), "gradient_checkpointing": trainer.args.gradient_checkpointing}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per engine (warm-up included)")
+    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
+    parser.add_argument("--batch", type=int, default=8, help="preference pairs per optimizer step (both engines)")
+    parser.add_argument("--pairs", type=int, default=256, help="training pairs (>= steps x batch: one epoch)")
+    parser.add_argument("--max-len", type=int, default=256, help="tokens per sequence (no pair is cut at 256)")
+    parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vocab", type=int, default=320, help="BPE vocabulary trained on the task")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--live-ref", action="store_true",
+                        help="no reference precompute: both engines run a frozen reference model every step")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per engine; median steps/s")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both engines")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if not 0 < args.warmup < args.steps:
+        parser.error("need 0 < --warmup < --steps")
+
+    import datasets
+    import transformers
+    import trl
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    datasets.disable_caching()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+
+    tokenizer = task_tokenizer(args.vocab)
+    records = preference_records(generate_problems(args.pairs, seed=args.seed), seed=args.seed)
+    pairs = [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in records]
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(256, args.max_len),
+                         pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, bos_token_id=None)
+    torch.manual_seed(args.seed)
+    initial = LlamaForCausalLM(config).float()
+    params = sum(p.numel() for p in initial.parameters())
+
+    results: dict[str, list[dict]] = {"ours": [], "trl": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            for name, fn in (("ours", run_ours), ("trl", run_trl)):
+                torch.manual_seed(args.seed)
+                results[name].append(fn(copy.deepcopy(initial).train(), tokenizer, pairs, args,
+                                        Path(tmp) / f"{name}{r}"))
+    ours, theirs = results["ours"], results["trl"]
+    ours_sps = statistics.median(x["steps_per_s"] for x in ours)
+    trl_sps = statistics.median(x["steps_per_s"] for x in theirs)
+    seq_lens = [len(c) for c, *_ in ours[0]["ids"]] + [len(r) for _, r, *_ in ours[0]["ids"]]
+    result = {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "model": f"LlamaForCausalLM {args.layers}x{args.hidden}, vocab {tokenizer.vocab_size}",
+        "params": params,
+        "batch_pairs": args.batch,
+        "max_len": args.max_len,
+        "mean_seq_len": round(statistics.fmean(seq_lens), 1),
+        "same_tokens": ours[0]["ids"] == theirs[0]["ids"],
+        "precompute_ref": not args.live_ref,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "ours_steps_per_s": round(ours_sps, 2),
+        "trl_steps_per_s": round(trl_sps, 2),
+        "speedup": round(ours_sps / trl_sps, 2),
+        "ours_steps_per_s_runs": [round(x["steps_per_s"], 2) for x in ours],
+        "trl_steps_per_s_runs": [round(x["steps_per_s"], 2) for x in theirs],
+        "ours_first_loss": round(ours[0]["first_loss"], 5),
+        "ours_loss_mean": round(ours[0]["loss_mean"], 4),
+        "trl_loss_mean": round(theirs[0]["loss_mean"], 4),
+        "trl_optim": theirs[0]["optim"],
+        "trl_gradient_checkpointing": theirs[0]["gradient_checkpointing"],
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
