@@ -53,7 +53,7 @@ def pipeline(tmp_path_factory) -> dict[str, Path]:
 def online_values(pipeline, name: str, **values) -> dict:
     d = pipeline["data"]
     return {"model": str(pipeline["sft"]), "data": str(d / "rl.jsonl"), "eval_data": str(d / "heldout_rl.jsonl"),
-            "eval_samples": 100, "out_dir": str(pipeline["root"] / name), "max_new_tokens": 40, "lr": 2e-4,
+            "eval_samples": 100, "out_dir": str(pipeline["root"] / name), "max_new_tokens": 40, "lr": 3e-5,
             "warmup_steps": 2, **values}
 
 
@@ -73,45 +73,46 @@ def test_dpo_raises_held_out_preference_accuracy(pipeline):
     d = pipeline["data"]
     result = run_stage("dpo", model=str(pipeline["sft"]), data=str(d / "pref.jsonl"),
                        eval_data=str(d / "heldout_pref.jsonl"), eval_samples=100,
-                       out_dir=str(pipeline["root"] / "dpo"), max_len=128, steps=40, batch_size=16, lr=2e-4,
+                       out_dir=str(pipeline["root"] / "dpo"), max_len=128, steps=60, batch_size=16, lr=2e-5,
                        beta=0.1)
     assert result["pref_accuracy"] >= 0.65  # policy == reference scores 0 for every pair: accuracy starts at 0
 
 
 def test_grpo_raises_held_out_accuracy(pipeline):
     result = run_stage("grpo", **online_values(pipeline, "grpo", group_size=8, prompts_per_rollout=16,
-                                               batch_size=64, grad_accum=2, steps=20, beta=0.04))
+                                               batch_size=64, grad_accum=2, steps=40, beta=0.04))
     assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.05
 
 
-def _reward_trend(out_dir: Path) -> tuple[float, float]:
-    rows = [r for r in metrics(out_dir) if "reward" in r]
-    k = max(1, len(rows) // 4)
-    first = sum(r["reward"] for r in rows[:k]) / k
-    last = sum(r["reward"] for r in rows[-k:]) / k
-    return first, last
+def _max_kl(out_dir: Path) -> float:
+    return max(r["kl"] for r in metrics(out_dir) if "kl" in r)
 
 
-def test_ppo_raises_reward_with_bounded_kl(pipeline):
-    run_stage("ppo", **online_values(pipeline, "ppo", prompts_per_rollout=64, batch_size=16, epochs_per_rollout=2,
-                                     gamma=1.0, beta=0.05, steps=48))
-    first, last = _reward_trend(pipeline["root"] / "ppo")
-    kls = [r["kl"] for r in metrics(pipeline["root"] / "ppo") if "kl" in r]
-    assert last >= first + 0.05
-    assert max(kls) < 1.0
+def test_ppo_raises_held_out_reward_with_bounded_kl(pipeline):
+    result = run_stage("ppo", **online_values(pipeline, "ppo", prompts_per_rollout=64, batch_size=16,
+                                              epochs_per_rollout=2, gamma=1.0, beta=0.05, steps=48, lr=1e-5))
+    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.01
+    assert _max_kl(pipeline["root"] / "ppo") < 0.1
 
 
-def test_spo_raises_reward_with_bounded_kl(pipeline):
-    run_stage("spo", **online_values(pipeline, "spo", prompts_per_rollout=64, batch_size=64, steps=30, beta=0.04))
-    first, last = _reward_trend(pipeline["root"] / "spo")
-    kls = [r["kl"] for r in metrics(pipeline["root"] / "spo") if "kl" in r]
-    assert last >= first + 0.05
-    assert max(kls) < 1.0
+def test_spo_raises_held_out_reward_with_bounded_kl(pipeline):
+    result = run_stage("spo", **online_values(pipeline, "spo", prompts_per_rollout=64, batch_size=64, steps=30,
+                                              beta=0.04))
+    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.01
+    assert _max_kl(pipeline["root"] / "spo") < 0.1
+
+
+def test_beta_zero_loads_no_reference(pipeline):
+    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.algorithms.online import load_online
+
+    cfg = build_config(GRPOConfig, online_values(pipeline, "unused", beta=0.0))
+    assert load_online(cfg)[2] is None
 
 
 def test_online_dpo_raises_held_out_preference_accuracy(pipeline):
     d = pipeline["data"]
     result = run_stage("online-dpo", **online_values(
         pipeline, "online_dpo", preference="reward", reward="answer:1", eval_pref_data=str(d / "heldout_pref.jsonl"),
-        prompts_per_rollout=32, batch_size=64, steps=20, beta=0.1, max_len=128))
+        prompts_per_rollout=32, batch_size=64, steps=20, beta=0.1, max_len=128, lr=2e-5))
     assert result["pref_accuracy"] >= 0.55

@@ -1,8 +1,9 @@
 """PPO for language models (Ziegler et al., 2019; Ouyang et al., 2022), actor + critic.
 
 Per token t of a completion, the reward is -β·(log π_old - log π_ref) (the k1 KL estimate), plus the
-sequence score at the final token. A critic (scalar head; initialised from the reward model or the
-policy) gives V_t; GAE(γ, λ) gives advantages (whitened over the batch) and returns A + V. Each rollout
+sequence score at the final token. A critic (a scalar head on a copy of the policy, starting at V = 0,
+or a reward model; trained at `critic_lr_scale` x lr) gives V_t; GAE(γ, λ) gives advantages (whitened over
+the batch) and returns A + V. Each rollout
 is reused for `epochs_per_rollout` passes of mini-batches with
     policy loss  -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A)                   token mean over the batch
     value loss   ½ max((V - R)², (V_old + clip(V - V_old, ±value_clip) - R)²)
@@ -12,13 +13,14 @@ An optional adaptive KL controller (Ziegler et al., 2019) moves β toward `kl_ta
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..config import field
 from ..logprobs import masked_mean
-from ..model.heads import ScalarHeadModel
+from ..model.heads import MARKER_FILE, ScalarHeadModel
 from ..train.loop import train
 from .online import OnlineConfig, OnlineRL, load_online
 from .policy_gradient import aggregate, clipped_surrogate, gae, kl_estimate, masked_whiten
@@ -26,7 +28,8 @@ from .policy_gradient import aggregate, clipped_surrogate, gae, kl_estimate, mas
 
 @dataclass
 class PPOConfig(OnlineConfig):
-    critic_model: str = field("", "critic init dir: a reward model or a policy; empty = reward_model, else model")
+    critic_model: str = field("", "critic init dir: a reward model, or a policy (head starts at 0); empty = model")
+    critic_lr_scale: float = field(10.0, "critic learning rate = lr x this (value fitting needs a larger step)", gt=0)
     gamma: float = field(0.99, "discount γ (1.0 is common for LMs)", min=0)
     lam: float = field(0.95, "GAE λ", min=0)
     vf_coef: float = field(0.5, "weight of the value loss", min=0)
@@ -56,6 +59,7 @@ class PPO(OnlineRL):
         super().__init__(policy, reference, tokenizer, prompts, reward, eval_prompts, cfg=cfg)
         self.critic = critic
         self.modules = {"policy": policy, "critic": critic}
+        self.lr_scales = {"critic": cfg.critic_lr_scale}
         self.kl_coef = cfg.beta
         self.last_seq_kl = 0.0
 
@@ -117,6 +121,9 @@ class PPO(OnlineRL):
 def run(cfg: PPOConfig) -> dict[str, float]:
     tokenizer, policy, reference, reward, prompts, eval_prompts = load_online(cfg)
     device = next(policy.parameters()).device
-    critic = ScalarHeadModel.from_pretrained(cfg.critic_model or cfg.reward_model or cfg.model, device)
+    critic_dir = Path(cfg.critic_model or cfg.model)
+    critic = ScalarHeadModel.from_pretrained(critic_dir, device)
+    if not (critic_dir / MARKER_FILE).is_file():  # a fresh head on a policy: start at V = 0
+        torch.nn.init.zeros_(critic.head.weight)
     algo = PPO(policy, reference, tokenizer, prompts, reward, eval_prompts, critic, cfg=cfg)
     return train(algo, cfg, name="ppo")

@@ -61,6 +61,7 @@ class Algorithm:
 
     modules: dict[str, nn.Module]  # trainable modules, checkpointed by name; the first is the result
     num_examples: int | None = None  # dataset size, for `epochs`
+    lr_scales: dict[str, float] = {}  # per-module learning-rate multipliers (e.g. PPO's critic)
 
     def micro_batches(self, step: int) -> list[Any]:
         """The micro-batches of optimizer step `step` (a pure function of step and saved state)."""
@@ -159,13 +160,14 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device_type = resolve_device(cfg.device).type
-    params = [p for m in algo.modules.values() for p in m.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.95),
-    )
+    params, groups = [], []
+    for module_name, module in algo.modules.items():
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        params += trainable
+        lr = cfg.lr * algo.lr_scales.get(module_name, 1.0)
+        groups += [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+                   {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
 
     start, bad_steps = 0, 0
