@@ -1,9 +1,11 @@
 """Learning tests: on the embedded task, each method moves the metric it optimises the right way.
 
 One module-scoped fixture trains a small policy (pretrain + SFT, about a minute on two cores); each test
-then runs its method for a few steps from that checkpoint and compares against the starting point. The
-margins asserted are below what was measured (noted next to each assert), so they are safe yet would fail
-if the method did nothing or moved the wrong way.
+then runs its method for a few steps from that checkpoint and compares against the starting point. CPU runs
+are deterministic, so the measured values (noted next to each assert) repeat; the bounds sit below them with
+room to spare, yet fail if the method did nothing or moved the wrong way. Online RL methods are judged on
+held-out greedy answer reward (accuracy), which is less noisy than the reward of fresh training prompts.
+About 8 minutes on two cores.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from minirlhf.stages import STAGES
 def run_stage(stage: str, **values) -> dict[str, float]:
     cls, run = STAGES[stage]
     defaults = {k: v for k, v in {"progress": False, "seed": 0}.items() if k in cls.__dataclass_fields__}
-    return run(build_config(cls, {**defaults, **values}, where=stage))
+    result = run(build_config(cls, {**defaults, **values}, where=stage))
+    print(f"{stage}: {result}")
+    return result
 
 
 def metrics(out_dir: Path) -> list[dict]:
@@ -40,25 +44,26 @@ def two_threads():
 def pipeline(tmp_path_factory) -> dict[str, Path]:
     """Generated data, a tokenizer, and a pretrained + SFT policy (the starting point of every method)."""
     root = tmp_path_factory.mktemp("learning")
-    run_stage("data", out_dir=str(root / "data"), n_train=2000, n_heldout=100)
+    run_stage("data", out_dir=str(root / "data"), n_train=4000, n_heldout=200)
     run_stage("tokenizer", data=str(root / "data/pretrain.jsonl"), out_dir=str(root / "tok"), vocab_size=512)
     run_stage("pretrain", mode="pretrain", tokenizer=str(root / "tok"), data=str(root / "data/pretrain.jsonl"),
-              out_dir=str(root / "pretrain"), max_len=128, steps=250, batch_size=16, lr=3e-3, warmup_steps=20)
+              out_dir=str(root / "pretrain"), max_len=128, steps=600, batch_size=16, lr=3e-3, warmup_steps=20,
+              weight_decay=0.1)
     sft = run_stage("sft", mode="sft", model=str(root / "pretrain/final"), data=str(root / "data/sft.jsonl"),
-                    eval_data=str(root / "data/heldout_rl.jsonl"), eval_samples=100, out_dir=str(root / "sft"),
-                    max_len=192, steps=150, batch_size=32, lr=1e-3, warmup_steps=10)
+                    eval_data=str(root / "data/heldout_rl.jsonl"), eval_samples=200, out_dir=str(root / "sft"),
+                    max_len=256, steps=300, batch_size=32, lr=1e-3, warmup_steps=10)
     return {"root": root, "data": root / "data", "sft": root / "sft/final", "sft_accuracy": sft["accuracy"]}
 
 
 def online_values(pipeline, name: str, **values) -> dict:
     d = pipeline["data"]
     return {"model": str(pipeline["sft"]), "data": str(d / "rl.jsonl"), "eval_data": str(d / "heldout_rl.jsonl"),
-            "eval_samples": 100, "out_dir": str(pipeline["root"] / name), "max_new_tokens": 40, "lr": 3e-5,
+            "eval_samples": 200, "out_dir": str(pipeline["root"] / name), "max_new_tokens": 40, "lr": 3e-5,
             "warmup_steps": 2, **values}
 
 
 def test_sft_learns_the_task(pipeline):
-    assert pipeline["sft_accuracy"] >= 0.05  # measured: see the note in the module docstring
+    assert 0.4 <= pipeline["sft_accuracy"] <= 0.9  # measured 0.545: real, with headroom for RL
 
 
 def test_reward_model_ranks_held_out_pairs(pipeline):
@@ -66,7 +71,7 @@ def test_reward_model_ranks_held_out_pairs(pipeline):
     result = run_stage("rm", model=str(pipeline["sft"]), data=str(d / "pref.jsonl"),
                        eval_data=str(d / "heldout_pref.jsonl"), eval_samples=100,
                        out_dir=str(pipeline["root"] / "rm"), max_len=128, steps=60, batch_size=16, lr=5e-4)
-    assert result["pref_accuracy"] >= 0.6
+    assert result["pref_accuracy"] >= 0.65  # measured 0.71 (chance: 0.5)
 
 
 def test_dpo_raises_held_out_preference_accuracy(pipeline):
@@ -75,13 +80,13 @@ def test_dpo_raises_held_out_preference_accuracy(pipeline):
                        eval_data=str(d / "heldout_pref.jsonl"), eval_samples=100,
                        out_dir=str(pipeline["root"] / "dpo"), max_len=128, steps=60, batch_size=16, lr=2e-5,
                        beta=0.1)
-    assert result["pref_accuracy"] >= 0.65  # policy == reference scores 0 for every pair: accuracy starts at 0
+    assert result["pref_accuracy"] >= 0.7  # measured 0.77; policy == reference ties every pair (accuracy 0)
 
 
 def test_grpo_raises_held_out_accuracy(pipeline):
     result = run_stage("grpo", **online_values(pipeline, "grpo", group_size=8, prompts_per_rollout=16,
-                                               batch_size=64, grad_accum=2, steps=40, beta=0.04))
-    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.05
+                                               batch_size=64, grad_accum=2, steps=60, beta=0.04))
+    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.03  # measured 0.545 -> 0.595
 
 
 def _max_kl(out_dir: Path) -> float:
@@ -90,16 +95,16 @@ def _max_kl(out_dir: Path) -> float:
 
 def test_ppo_raises_held_out_reward_with_bounded_kl(pipeline):
     result = run_stage("ppo", **online_values(pipeline, "ppo", prompts_per_rollout=64, batch_size=16,
-                                              epochs_per_rollout=2, gamma=1.0, beta=0.05, steps=48, lr=1e-5))
-    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.01
-    assert _max_kl(pipeline["root"] / "ppo") < 0.1
+                                              epochs_per_rollout=2, gamma=1.0, beta=0.05, steps=64, lr=1e-5))
+    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.02  # measured 0.545 -> 0.59 (greedy answer reward)
+    assert _max_kl(pipeline["root"] / "ppo") < 0.1  # measured max 0.026
 
 
 def test_spo_raises_held_out_reward_with_bounded_kl(pipeline):
     result = run_stage("spo", **online_values(pipeline, "spo", prompts_per_rollout=64, batch_size=64, steps=30,
                                               beta=0.04))
-    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.01
-    assert _max_kl(pipeline["root"] / "spo") < 0.1
+    assert result["accuracy"] >= pipeline["sft_accuracy"] + 0.02  # measured 0.545 -> 0.59
+    assert _max_kl(pipeline["root"] / "spo") < 0.1  # measured max 0.017
 
 
 def test_beta_zero_loads_no_reference(pipeline):

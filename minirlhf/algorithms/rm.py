@@ -52,6 +52,7 @@ class RewardModelTraining(Algorithm):
         scores = self.model.score(ids, attention)
         chosen, rejected = scores.chunk(2)
         loss = bradley_terry_loss(chosen, rejected, self.cfg.margin)
+        chosen, rejected = chosen.detach(), rejected.detach()
         return loss, {"accuracy": float((chosen > rejected).float().mean()),
                       "margin": float((chosen - rejected).mean()), "reward/chosen": float(chosen.mean())}
 
