@@ -37,26 +37,17 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
+from common import quiet_hf, task_tokenizer
 
 from minirlhf.algorithms.dpo import DPO, DPOConfig
 from minirlhf.data.formats import PreferencePair
 from minirlhf.data.pairs import tokenize_pairs
-from minirlhf.data.task import generate_problems, preference_records, pretrain_texts, sft_records
-from minirlhf.tokenizer import Tokenizer, train_tokenizer
+from minirlhf.data.task import generate_problems, preference_records
+from minirlhf.tokenizer import Tokenizer
 from minirlhf.train.loop import train
-
-
-def task_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE trained on the embedded task (plain text plus chat-formatted conversations)."""
-    problems = generate_problems(300, seed=0)
-    texts = pretrain_texts(problems, seed=0)
-    for rec in sft_records(problems[:100]):
-        texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in rec["conversations"]))
-    return train_tokenizer(texts, vocab_size)
 
 
 def steps_per_second(step_ends: list[float], warmup: int) -> float:
@@ -147,17 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
 
-    import datasets
     import transformers
     import trl
     from transformers import LlamaConfig, LlamaForCausalLM
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    datasets.disable_caching()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    quiet_hf(args.threads)
 
     tokenizer = task_tokenizer(args.vocab)
     records = preference_records(generate_problems(args.pairs, seed=args.seed), seed=args.seed)

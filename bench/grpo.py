@@ -46,28 +46,19 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import torch
+from common import quiet_hf, task_tokenizer
 
 from minirlhf.algorithms.grpo import GRPO, GRPOConfig
 from minirlhf.data.formats import PromptExample
-from minirlhf.data.task import generate_problems, pretrain_texts, rl_records, sft_records
+from minirlhf.data.task import generate_problems, rl_records
 from minirlhf.model import MiniMindLM, preset
 from minirlhf.model.hf_export import export_hf
 from minirlhf.rewards import AnswerReward, build_reward
-from minirlhf.tokenizer import Tokenizer, train_tokenizer
+from minirlhf.tokenizer import Tokenizer
 from minirlhf.train.loop import train
-
-
-def task_tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE trained on the embedded task (plain text plus chat-formatted conversations)."""
-    problems = generate_problems(300, seed=0)
-    texts = pretrain_texts(problems, seed=0)
-    for rec in sft_records(problems[:100]):
-        texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in rec["conversations"]))
-    return train_tokenizer(texts, vocab_size)
 
 
 def seconds_per_step(step_ends: list[float], warmup: int) -> float:
@@ -173,16 +164,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
 
-    import datasets
     import transformers
     import trl
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    datasets.disable_caching()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    quiet_hf(args.threads)
 
     tokenizer = task_tokenizer(args.vocab)
     prompts = [PromptExample([{"role": "user", "content": r["prompt"]}], r["answer"])
