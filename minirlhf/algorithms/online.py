@@ -176,7 +176,7 @@ class OnlineRL(Algorithm):
                    "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask))}
         if "kl" in terms:
             metrics["kl"] = float(masked_mean(terms["kl"].detach(), mask))
-        self.history.append({k: metrics[k] for k in ("reward", "kl") if k in metrics})
+        self.history = self.history[-256:] + [{k: metrics[k] for k in ("reward", "kl") if k in metrics}]
         return metrics
 
     def evaluate(self) -> dict[str, float]:
