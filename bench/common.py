@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import warnings
 
 import torch
@@ -29,3 +30,16 @@ def quiet_hf(threads: int) -> None:
     datasets.disable_caching()
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
+
+
+def add_shared_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags both TRL benchmarks take: the tiny model's shape, rounds, threads, seed."""
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--vocab", type=int, default=320, help="BPE vocabulary trained on the task")
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per engine; the median is reported")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads, both engines")
+    parser.add_argument("--seed", type=int, default=0)

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import quiet_hf, task_tokenizer
+from common import add_shared_flags, quiet_hf, task_tokenizer
 
 from minirlhf.algorithms.grpo import GRPO, GRPOConfig
 from minirlhf.data.formats import PromptExample
@@ -151,15 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n-prompts", type=int, default=200, help="prompt pool")
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both hold a reference)")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--vocab", type=int, default=320, help="BPE vocabulary trained on the task")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per engine; median seconds/step")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both engines")
-    parser.add_argument("--seed", type=int, default=0)
+    add_shared_flags(parser)
     args = parser.parse_args(argv)
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
