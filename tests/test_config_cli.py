@@ -182,3 +182,16 @@ def test_cli_resume_flag_alone_or_first(sft_yaml, monkeypatch, argv):
     seen = _capture_stage(monkeypatch)
     assert main(["sft", "--config", str(sft_yaml), *argv]) == 0
     assert seen[0].resume is True
+
+
+def test_cli_tokenizer_model_vocab_mismatch(sft_yaml, start_model_dir, task_data, tmp_path, capsys):
+    from minirlhf.tokenizer import train_tokenizer
+
+    bigger = train_tokenizer(["Tom has 7 apples. He buys 5 more. The answer is 12."] * 20 + ["xyz " * 50], 600)
+    bigger.backend.add_tokens([f"<extra_{i}>" for i in range(400)])
+    bigger.save(tmp_path / "big_tok")
+    assert main(["sft", "--config", str(sft_yaml), f"model={start_model_dir}", f"tokenizer={tmp_path / 'big_tok'}",
+                 f"data={task_data['sft']}"]) == 2
+    line = one_error_line(capsys)
+    assert "tokens but the model's embedding has" in line and str(start_model_dir) in line
+    assert not (tmp_path / "out" / "final").exists()

@@ -31,7 +31,7 @@ from ..data.formats import load_prompts
 from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
 from ..eval import pair_sequence_logprobs, task_accuracy
 from ..logprobs import sequence_logprobs
-from ..model import load_policy
+from ..model import check_vocab, load_policy
 from ..tokenizer import Tokenizer
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
 
@@ -168,6 +168,7 @@ def run(cfg: DPOConfig) -> dict[str, float]:
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
     policy = load_policy(cfg.model, device)
+    check_vocab(policy, tokenizer.vocab_size, cfg.model)
     reference = load_policy(cfg.ref_model, device) if cfg.ref_model else policy
     if reference is policy and not cfg.precompute_ref and cfg.loss_type != "simpo":
         reference = copy.deepcopy(policy)

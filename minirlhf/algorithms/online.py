@@ -25,7 +25,7 @@ from ..data.formats import PromptExample, load_prompts
 from ..eval import task_accuracy
 from ..generation import SamplingConfig, generate
 from ..logprobs import completion_logprobs, masked_mean
-from ..model import load_policy
+from ..model import check_vocab, load_policy
 from ..model.heads import ScalarHeadModel
 from ..rewards import RewardModelReward, build_reward
 from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
@@ -218,6 +218,7 @@ def load_online(cfg: OnlineConfig):
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
     policy = load_policy(cfg.model, device)
+    check_vocab(policy, tokenizer.vocab_size, cfg.model)
     reference = None
     if cfg.beta > 0:
         reference = load_policy(cfg.ref_model or cfg.model, device).eval().requires_grad_(False)

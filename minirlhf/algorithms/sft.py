@@ -18,7 +18,7 @@ from ..data.batching import StepBatches, pack, pad_right
 from ..data.formats import load_pretrain, load_prompts, load_sft
 from ..eval import judge_agreement, task_accuracy
 from ..logprobs import gather_logprobs
-from ..model import MiniMindLM, load_policy, preset
+from ..model import MiniMindLM, check_vocab, load_policy, preset
 from ..tokenizer import Tokenizer
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
 
@@ -116,6 +116,7 @@ def build(cfg: LMConfig) -> LanguageModeling:
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
     if cfg.model:
         model = load_policy(cfg.model, device)
+        check_vocab(model, tokenizer.vocab_size, cfg.model)
     else:
         model = MiniMindLM(preset(cfg.preset, vocab_size=tokenizer.vocab_size)).to(device)
     if cfg.mode == "pretrain":
