@@ -1,0 +1,54 @@
+"""Exact resume of online RL, also from a checkpoint taken in the middle of a rollout: the rollout buffer,
+RNG states, optimizer and method state (PPO's critic and KL coefficient, SPO's value tracker) are saved, and
+rollouts are generated from a generator seeded by (seed, rollout)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minirlhf.config import build_config
+from minirlhf.stages import STAGES
+from minirlhf.train import checkpoint as ckpt
+
+
+def run(stage: str, out_dir, task_data, model_dir, **values) -> None:
+    cls, fn = STAGES[stage]
+    fn(build_config(cls, {
+        "model": str(model_dir), "data": str(task_data["rl"]), "out_dir": str(out_dir), "steps": 4,
+        "save_every": 1, "keep_checkpoints": 10, "prompts_per_rollout": 4, "batch_size": 4, "max_new_tokens": 8,
+        "lr": 1e-3, "device": "cpu", "progress": False, "seed": 0, "beta": 0.1, **values}, where=stage))
+
+
+def rows(out_dir) -> dict[int, dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: {k: v for k, v in r.items() if k != "elapsed_s"} for r in map(json.loads, lines) if "loss" in r}
+
+
+@pytest.mark.parametrize("stage, values", [
+    ("grpo", {"group_size": 2}),  # 8 sequences per rollout, 2 updates each: step 1 is mid-rollout
+    ("ppo", {"epochs_per_rollout": 2, "adaptive_kl": True}),  # 4 sequences, 1 mini-batch x 2 epochs
+    ("spo", {"epochs_per_rollout": 2}),
+])
+def test_online_resume_mid_rollout_is_exact(stage, values, tmp_path, task_data, start_model_dir):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run(stage, straight, task_data, start_model_dir, **values)
+    run(stage, interrupted, task_data, start_model_dir, **values)
+    expected = rows(straight)
+    assert sorted(expected) == [1, 2, 3, 4] and rows(interrupted) == expected
+    for later in ("step_000002", "step_000003", "step_000004"):
+        shutil.rmtree(interrupted / "checkpoints" / later)
+    shutil.rmtree(interrupted / "final")
+    assert [p.name for p in ckpt.checkpoint_dirs(interrupted)] == ["step_000001"]
+
+    run(stage, interrupted, task_data, start_model_dir, resume=True, **values)
+    resumed = rows(interrupted)
+    for step in (2, 3, 4):
+        assert resumed[step] == expected[step], step
+    a = load_file(straight / "final" / "model.safetensors")
+    b = load_file(interrupted / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
