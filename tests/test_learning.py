@@ -126,3 +126,4 @@ def test_online_dpo_first_step_is_exactly_log2_on_fresh_pairs(pipeline):
     first = metrics(out_dir)[0]
     assert 0 < first["valid_pairs"] < 1
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
