@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import ConfigError, describe, load_stage_config, parse_overrides
 from .data.formats import DataError
-from .stages import STAGES
+from .stages import STAGES, check_context_window
 from .train.loop import NonFiniteError
 
 DEFAULT_CONFIG = "configs/rlhf.yaml"
@@ -31,6 +31,7 @@ def _stage_command(stage: str, args: argparse.Namespace) -> int:
     if args.resume:
         overrides["resume"] = True
     cfg = load_stage_config(cls, config_path, stage, overrides)
+    check_context_window(stage, cfg)
     result = run(cfg)
     if result:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -130,6 +131,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def one_line(error: BaseException, limit: int = 500) -> str:
+    """The error's message on one line: a library message that spans lines (e.g. torch's list of size
+    mismatches) is joined and cut to `limit` characters, so stderr stays one line a user can read."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minirlhf", description="Align small language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -185,10 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                     "eval-pref": _eval_pref, "demo": _demo}
         return commands[args.command](args)
     except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ImportError) as e:
-        print(f"minirlhf: error: {e}", file=sys.stderr)
+        print(f"minirlhf: error: {one_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:  # invalid model files, tokenizer mismatches and similar user-fixable problems
-        print(f"minirlhf: error: {e}", file=sys.stderr)
+        print(f"minirlhf: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minirlhf: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)

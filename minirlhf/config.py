@@ -36,8 +36,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
-        out[key.strip()] = yaml.safe_load(value) if value else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: invalid YAML value ({_yaml_problem(e)})") from None
     return out
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A one-line description of a YAML error (PyYAML's own message spans several lines)."""
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
@@ -107,7 +117,7 @@ def load_stage_config(cls: type[T], path: str | Path | None, stage: str, overrid
         try:
             document = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+            raise ConfigError(f"{path}: invalid YAML ({_yaml_problem(e)})") from None
         if not isinstance(document, dict):
             raise ConfigError(f"{path}: expected a mapping of stage sections")
         section = document.get(stage) or {}

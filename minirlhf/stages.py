@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .algorithms import dpo, grpo, online_dpo, ppo, rm, sft, spo
-from .config import field
+from .config import ConfigError, field
 from .data.formats import load_pretrain
 from .data.task import write_task_data
 from .tokenizer import train_tokenizer
@@ -54,3 +55,25 @@ STAGES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "rlaif": (grpo.GRPOConfig, grpo.run),  # GRPO with `reward: judge`
     "online-dpo": (online_dpo.OnlineDPOConfig, online_dpo.run),
 }
+
+
+def check_context_window(stage: str, cfg: Any) -> None:
+    """Refuse sequence budgets longer than the starting model's context window (`max_seq_len` in its
+    config.json): such a run would load everything and then fail at the first over-long batch. Budgets are
+    `max_len` (sequences are truncated to it) and `max_prompt_len + max_new_tokens` (rollouts)."""
+    model = getattr(cfg, "model", "")
+    if not model:
+        return
+    try:
+        window = int(json.loads((Path(model) / "config.json").read_text())["max_seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # a missing or broken model dir is reported, with its path, when the model is loaded
+    budgets = []
+    if hasattr(cfg, "max_len"):
+        budgets.append(("max_len", cfg.max_len))
+    if hasattr(cfg, "max_prompt_len") and hasattr(cfg, "max_new_tokens"):
+        budgets.append(("max_prompt_len + max_new_tokens", cfg.max_prompt_len + cfg.max_new_tokens))
+    for name, value in budgets:
+        if value > window:
+            raise ConfigError(f"{stage}.{name}: {value} tokens exceed the context window of {model} "
+                              f"(max_seq_len={window}); lower it to at most {window}")
