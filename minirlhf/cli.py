@@ -107,14 +107,14 @@ def _eval_pref(args: argparse.Namespace) -> int:
     from .algorithms.dpo import implicit_reward_accuracy
     from .data.pairs import load_pairs, tokenize_pairs
     from .eval import pair_sequence_logprobs, reward_model_accuracy
-    from .model import load_policy
-    from .model.heads import MARKER_FILE, ScalarHeadModel
+    from .model import load_policy, load_scalar_model
+    from .model.heads import has_scalar_head
     from .tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.model)
     pairs = tokenize_pairs(tokenizer, load_pairs(args.data), args.max_len)
-    if (Path(args.model) / MARKER_FILE).is_file():
-        metrics = reward_model_accuracy(ScalarHeadModel.from_pretrained(args.model).eval(), pairs, tokenizer.pad_id)
+    if has_scalar_head(args.model):
+        metrics = reward_model_accuracy(load_scalar_model(args.model).eval(), pairs, tokenizer.pad_id)
     else:
         if not args.ref:
             raise ValueError("eval-pref: a policy needs --ref (the reference policy) for its implicit DPO reward")

@@ -26,18 +26,27 @@ def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors arg
     """A dataclass field with help text (shown by `minirlhf <stage> --help`)."""
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help, **kwargs})
+    if dataclasses.is_dataclass(default):  # a nested section, e.g. `lora`
+        return dataclasses.field(default_factory=lambda: dataclasses.replace(default),
+                                 metadata={"help": help, **kwargs})
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """['lr=1e-4', 'bf16=true'] -> {'lr': 0.0001, 'bf16': True}."""
+    """['lr=1e-4', 'bf16=true', 'lora.r=8'] -> {'lr': 0.0001, 'bf16': True, 'lora': {'r': 8}}."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value")
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value else ""
+            node[leaf] = yaml.safe_load(value) if value else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: invalid YAML value ({_yaml_problem(e)})") from None
     return out
@@ -48,6 +57,14 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
     mark = getattr(e, "problem_mark", None)
     return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, merging nested sections key by key."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
@@ -70,6 +87,12 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         if value not in choices:
             raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}")
         return value
+    if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping of {annotation.__name__} options, got {value!r}")
+        return build_config(annotation, value, where=name)
     if origin in (list, dict):
         if not isinstance(value, origin):
             raise ConfigError(f"{name}: expected a {origin.__name__}, got {value!r}")
@@ -124,8 +147,7 @@ def load_stage_config(cls: type[T], path: str | Path | None, stage: str, overrid
         if not isinstance(section, dict):
             raise ConfigError(f"{path}: section {stage!r} must be a mapping")
         values.update(section)
-    values.update(overrides)
-    return build_config(cls, values, where=stage)
+    return build_config(cls, _merge(values, overrides), where=stage)
 
 
 def describe(cls: type) -> str:
@@ -133,5 +155,8 @@ def describe(cls: type) -> str:
     lines = []
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
+        if dataclasses.is_dataclass(default):
+            lines += [f"  {f.name}.{line.strip()}" for line in describe(type(default)).splitlines()]
+        else:
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -9,6 +9,10 @@ Chat template (ChatML, as MiniMind and Qwen use):
 A conversation is encoded turn by turn, so the ids of a prompt are always a prefix of the ids of the
 prompt plus its response; the assistant mask is 1 on assistant content and on the `<|im_end|>` that ends
 it (the model must learn to stop), never on headers, other roles or padding.
+
+A Hugging Face model's tokenizer with its own chat template loads as `ChatTemplateTokenizer`: the template
+is rendered by `transformers`, turn by turn, with the same masking rule; its end-of-turn token is read off
+the template (e.g. `<|im_end|>`, `<|eot_id|>`) and ends generation.
 """
 
 from __future__ import annotations
@@ -100,18 +104,93 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` (ours or a Hugging Face model's) and its special tokens."""
+        """Load `tokenizer.json` (ours or a Hugging Face model's) and its special tokens; a tokenizer with a
+        chat template of its own loads as a `ChatTemplateTokenizer`."""
         directory = Path(directory)
         path = directory / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{directory}: no tokenizer.json (train one with `minirlhf tokenizer`)")
         eos, pad = EOS_TOKEN, PAD_TOKEN
         config_path = directory / "tokenizer_config.json"
-        if config_path.is_file():
-            config = json.loads(config_path.read_text())
-            eos = _token_text(config.get("eos_token")) or eos
-            pad = _token_text(config.get("pad_token")) or pad
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        template = config.get("chat_template")
+        if (directory / "chat_template.jinja").is_file() or (template and template != CHAT_TEMPLATE):
+            return ChatTemplateTokenizer.load(directory)
+        eos = _token_text(config.get("eos_token")) or eos
+        pad = _token_text(config.get("pad_token")) or pad
         return cls(HFTokenizer.from_file(str(path)), eos_token=eos, pad_token=pad)
+
+
+class ChatTemplateTokenizer(Tokenizer):
+    """A `transformers` fast tokenizer whose own chat template (Jinja) renders conversations.
+
+    Turn by turn, the text before each assistant turn (ending with the template's generation header) is
+    masked 0; the assistant content plus its end-of-turn token is masked 1. Templates that do not put
+    the end-of-turn token right after the content get the whole rendered turn masked 1.
+    """
+
+    def __init__(self, hf_tokenizer) -> None:
+        self.hf = hf_tokenizer
+        probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+        prefix, full = self._render(probe[:1], True), self._render(probe, False)
+        turn_end = None
+        if full.startswith(prefix + "y"):
+            after = hf_tokenizer(full[len(prefix) + 1:], add_special_tokens=False).input_ids
+            special = set(hf_tokenizer.all_special_ids) | {
+                i for i, t in hf_tokenizer.added_tokens_decoder.items() if t.special}
+            turn_end = after[0] if after and after[0] in special else None
+        eos_token = hf_tokenizer.convert_ids_to_tokens(turn_end) if turn_end is not None else hf_tokenizer.eos_token
+        if eos_token is None:
+            raise ValueError("tokenizer has neither an end-of-turn token in its chat template nor an eos_token")
+        super().__init__(hf_tokenizer.backend_tokenizer, eos_token=eos_token,
+                         pad_token=hf_tokenizer.pad_token or eos_token)
+
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def encode_chat(self, messages: Sequence[Message], add_generation_prompt: bool = False
+                    ) -> tuple[list[int], list[int]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        done = ""  # the rendered text already tokenized
+
+        def extend(text: str, learn: int) -> None:
+            piece = self.encode(text)
+            ids.extend(piece)
+            mask.extend([learn] * len(piece))
+
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix, full = self._render(messages[:i], True), self._render(messages[:i + 1], False)
+            if not prefix.startswith(done) or not full.startswith(prefix):
+                raise ValueError("the chat template does not render conversations as prefixes of each other")
+            extend(prefix[len(done):], 0)
+            body = m["content"] + self.eos_token
+            if full[len(prefix):].startswith(body):
+                ids.extend(self.encode_response(m["content"]))
+                mask.extend([1] * (len(ids) - len(mask)))
+                done = prefix + body
+            else:
+                extend(full[len(prefix):], 1)
+                done = full
+        rest = self._render(messages, add_generation_prompt) if messages else ""
+        if not rest.startswith(done):
+            raise ValueError("the chat template does not render conversations as prefixes of each other")
+        extend(rest[len(done):], 0)
+        return ids, mask
+
+    def save(self, directory: str | Path) -> None:
+        self.hf.save_pretrained(str(directory))
+
+    @classmethod
+    def load(cls, directory: str | Path) -> ChatTemplateTokenizer:
+        from transformers import AutoTokenizer
+
+        hf_tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        if not hf_tokenizer.is_fast:
+            raise ValueError(f"{directory}: needs a fast tokenizer (tokenizer.json)")
+        return cls(hf_tokenizer)
 
 
 def _token_text(token: str | dict | None) -> str | None:

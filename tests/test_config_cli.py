@@ -8,6 +8,7 @@ import pytest
 from minirlhf.algorithms.sft import LMConfig
 from minirlhf.cli import main
 from minirlhf.config import ConfigError, build_config, describe, load_stage_config, parse_overrides
+from minirlhf.model.lora import LoRAConfig
 from minirlhf.stages import STAGES
 from minirlhf.train.loop import TrainConfig
 
@@ -94,7 +95,8 @@ def test_load_stage_config_reads_a_section_and_overrides_win(tmp_path):
 def test_describe_lists_every_field_with_its_help():
     text = describe(TrainConfig)
     assert "  lr = 0.001  # peak learning rate" in text
-    assert len(text.splitlines()) == len(TrainConfig.__dataclass_fields__)
+    assert "  lora.r = 0  # LoRA rank (0 = off: train all weights)" in text  # nested sections, one line per option
+    assert len(text.splitlines()) == len(TrainConfig.__dataclass_fields__) - 1 + len(LoRAConfig.__dataclass_fields__)
 
 
 @pytest.fixture
@@ -146,7 +148,7 @@ def test_cli_help_config_prints_options(capsys):
     assert out.startswith("sft options")
     for line in ("  lr = 0.001  # peak learning rate", "  steps = 100  # optimizer steps", "  mode = 'sft'"):
         assert line in out
-    assert out.count("\n  ") == len(LMConfig.__dataclass_fields__)
+    assert out.count("\n  ") == len(LMConfig.__dataclass_fields__) - 1 + len(LoRAConfig.__dataclass_fields__)
 
 
 def test_cli_stage_runs_with_overrides(sft_yaml, task_data, start_model_dir, tmp_path, capsys):
@@ -195,3 +197,17 @@ def test_cli_tokenizer_model_vocab_mismatch(sft_yaml, start_model_dir, task_data
     line = one_error_line(capsys)
     assert "tokens but the model's embedding has" in line and str(start_model_dir) in line
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_nested_sections_from_yaml_and_dotted_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("sft:\n  lora:\n    r: 4\n    alpha: 8\n")
+    cfg = load_stage_config(TrainConfig, path, "sft", parse_overrides(["lora.alpha=32", "lora.dropout=0.1"]))
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (4, 32.0, 0.1)
+    assert cfg.lora.target_modules == LoRAConfig().target_modules
+    with pytest.raises(ConfigError, match=r"sft.lora: unknown key\(s\) \['rank'\]"):
+        load_stage_config(TrainConfig, None, "sft", parse_overrides(["lora.rank=4"]))
+    with pytest.raises(ConfigError, match="sft.lora.r: -1 is below the minimum 0"):
+        load_stage_config(TrainConfig, None, "sft", parse_overrides(["lora.r=-1"]))
+    with pytest.raises(ConfigError, match="expected a mapping of LoRAConfig options"):
+        load_stage_config(TrainConfig, None, "sft", {"lora": 3})

@@ -168,7 +168,7 @@ class Toy(Algorithm):
         loss = self.layer(batch).pow(2).mean()
         return (loss * float("nan") if self.step in self.nan_steps else loss), {}
 
-    def save(self, name: str, directory: Path) -> None:
+    def save(self, name: str, directory: Path, final: bool = False) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         save_model(self.modules[name], str(directory / "model.safetensors"))
 

@@ -17,7 +17,6 @@ policy when no separate reference is given), so no reference model is held durin
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -31,7 +30,7 @@ from ..data.formats import load_prompts
 from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
 from ..eval import pair_sequence_logprobs, task_accuracy
 from ..logprobs import sequence_logprobs
-from ..model import check_vocab, load_policy
+from ..model import check_vocab, frozen_reference, load_policy
 from ..tokenizer import Tokenizer
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
 
@@ -167,11 +166,12 @@ def run(cfg: DPOConfig) -> dict[str, float]:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, device)
+    policy = load_policy(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
     check_vocab(policy, tokenizer.vocab_size, cfg.model)
-    reference = load_policy(cfg.ref_model, device) if cfg.ref_model else policy
-    if reference is policy and not cfg.precompute_ref and cfg.loss_type != "simpo":
-        reference = copy.deepcopy(policy)
+    if (cfg.precompute_ref and not cfg.ref_model) or cfg.loss_type == "simpo":
+        reference = policy  # log-probs taken once before the first update (SimPO needs none)
+    else:
+        reference = frozen_reference(policy, cfg.ref_model, cfg.model, device)
     pairs = tokenize_pairs(tokenizer, load_pairs(cfg.data), cfg.max_len)
     eval_pairs = tokenize_pairs(tokenizer, load_pairs(cfg.eval_data)[: cfg.eval_samples], cfg.max_len) \
         if cfg.eval_data else []

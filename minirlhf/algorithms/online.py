@@ -25,8 +25,7 @@ from ..data.formats import PromptExample, load_prompts
 from ..eval import task_accuracy
 from ..generation import SamplingConfig, generate
 from ..logprobs import completion_logprobs, masked_mean
-from ..model import check_vocab, load_policy
-from ..model.heads import ScalarHeadModel
+from ..model import check_vocab, frozen_reference, load_policy, load_scalar_model
 from ..rewards import RewardModelReward, build_reward
 from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
 from ..tokenizer import Tokenizer
@@ -217,16 +216,14 @@ def load_online(cfg: OnlineConfig):
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, device)
+    policy = load_policy(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
     check_vocab(policy, tokenizer.vocab_size, cfg.model)
-    reference = None
-    if cfg.beta > 0:
-        reference = load_policy(cfg.ref_model or cfg.model, device).eval().requires_grad_(False)
+    reference = frozen_reference(policy, cfg.ref_model, cfg.model, device) if cfg.beta > 0 else None
 
     def reward_model():
         if not cfg.reward_model:
             raise ValueError("the `rm` reward needs `reward_model` (a dir written by `minirlhf rm`)")
-        return RewardModelReward(ScalarHeadModel.from_pretrained(cfg.reward_model, device), tokenizer)
+        return RewardModelReward(load_scalar_model(cfg.reward_model, device).eval(), tokenizer)
 
     def judge():
         return PointwiseJudge(judge_backend(cfg, device), fallback=cfg.judge_fallback)

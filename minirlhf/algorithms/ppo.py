@@ -20,7 +20,8 @@ import torch
 
 from ..config import field
 from ..logprobs import masked_mean
-from ..model.heads import MARKER_FILE, ScalarHeadModel
+from ..model import load_scalar_model
+from ..model.heads import has_scalar_head
 from ..train.loop import train
 from .online import OnlineConfig, OnlineRL, load_online
 from .policy_gradient import aggregate, clipped_surrogate, gae, kl_estimate, masked_whiten
@@ -106,7 +107,7 @@ class PPO(OnlineRL):
         value_loss, value_clip_frac = ppo_value_loss(self._values(batch), batch["values"], batch["returns"],
                                                      terms["mask"], cfg.value_clip)
         metrics = self.common_metrics(terms, clipped)
-        metrics.update(policy_loss=float(policy_loss), value_loss=float(value_loss),
+        metrics.update(policy_loss=float(policy_loss.detach()), value_loss=float(value_loss.detach()),
                        value_clip_ratio=float(value_clip_frac))
         return policy_loss + cfg.vf_coef * value_loss, metrics
 
@@ -122,8 +123,8 @@ def run(cfg: PPOConfig) -> dict[str, float]:
     tokenizer, policy, reference, reward, prompts, eval_prompts = load_online(cfg)
     device = next(policy.parameters()).device
     critic_dir = Path(cfg.critic_model or cfg.model)
-    critic = ScalarHeadModel.from_pretrained(critic_dir, device)
-    if not (critic_dir / MARKER_FILE).is_file():  # a fresh head on a policy: start at V = 0
+    critic = load_scalar_model(critic_dir, device, cfg.lora, cfg.gradient_checkpointing)
+    if not has_scalar_head(critic_dir):  # a fresh head on a policy: start at V = 0
         torch.nn.init.zeros_(critic.head.weight)
     algo = PPO(policy, reference, tokenizer, prompts, reward, eval_prompts, critic, cfg=cfg)
     return train(algo, cfg, name="ppo")

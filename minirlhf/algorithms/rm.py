@@ -14,7 +14,7 @@ from ..config import field
 from ..data.batching import StepBatches
 from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
 from ..eval import reward_model_accuracy
-from ..model import check_vocab
+from ..model import check_vocab, load_scalar_model
 from ..model.heads import ScalarHeadModel
 from ..tokenizer import Tokenizer
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
@@ -69,7 +69,7 @@ def run(cfg: RMConfig) -> dict[str, float]:
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
-    model = ScalarHeadModel.from_pretrained(cfg.model, device)
+    model = load_scalar_model(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
     check_vocab(model.backbone, tokenizer.vocab_size, cfg.model)
     pairs = tokenize_pairs(tokenizer, load_pairs(cfg.data), cfg.max_len)
     eval_pairs = []

@@ -115,10 +115,12 @@ def build(cfg: LMConfig) -> LanguageModeling:
     device = resolve_device(cfg.device)
     tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
     if cfg.model:
-        model = load_policy(cfg.model, device)
+        model = load_policy(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
         check_vocab(model, tokenizer.vocab_size, cfg.model)
     else:
         model = MiniMindLM(preset(cfg.preset, vocab_size=tokenizer.vocab_size)).to(device)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
     if cfg.mode == "pretrain":
         blocks = pack([tokenizer.encode(t) for t in load_pretrain(cfg.data)], cfg.max_len, tokenizer.pad_id)
         examples = [(b, [1] * len(b)) for b in blocks]

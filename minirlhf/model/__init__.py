@@ -1,7 +1,10 @@
-"""Models: the native MiniMind decoder, scalar heads for reward/value models, Hugging Face export."""
+"""Models: the native MiniMind decoder, any Hugging Face causal LM behind the same interface, LoRA, scalar heads
+for reward/value models, Hugging Face export."""
 
 from .config import PRESETS, ModelConfig, preset
-from .loading import check_vocab, load_policy
+from .loading import check_vocab, frozen_reference, load_policy, load_scalar_model, save_final
+from .lora import LoRAConfig
 from .minimind import KVCache, MiniMindLM, ModelOutput
 
-__all__ = ["PRESETS", "check_vocab", "KVCache", "MiniMindLM", "ModelConfig", "ModelOutput", "load_policy", "preset"]
+__all__ = ["PRESETS", "check_vocab", "frozen_reference", "KVCache", "LoRAConfig", "MiniMindLM", "ModelConfig",
+           "ModelOutput", "load_policy", "load_scalar_model", "preset", "save_final"]

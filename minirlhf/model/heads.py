@@ -1,6 +1,6 @@
 """A language-model backbone with a scalar head: reward models (read at the last real token) and PPO
-critics (read at every token). Saved like a policy (config.json + model.safetensors) plus a marker file,
-so `load_scalar_model` can tell it apart and the training loop can checkpoint it the same way.
+critics (read at every token). Saved as the backbone's own model dir (native or Hugging Face format, so a
+reward model dir is also a loadable policy) plus `scalar_head.safetensors` and a marker file.
 """
 
 from __future__ import annotations
@@ -11,16 +11,14 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from .config import ModelConfig
-from .minimind import CONFIG_FILE, WEIGHTS_FILE, MiniMindLM
-
 MARKER_FILE = "scalar_head.json"
+HEAD_FILE = "scalar_head.safetensors"
 
 
 class ScalarHeadModel(nn.Module):
     """values[b, t] = w . h[b, t] + c, with h the backbone's final-norm hidden states."""
 
-    def __init__(self, backbone: MiniMindLM) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.config = backbone.config
@@ -30,7 +28,7 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.backbone(input_ids, attention_mask=attention_mask, return_hidden=True, return_logits=False).hidden
-        return self.head(hidden).squeeze(-1).float()
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per sequence, read at its last real token (works for left or right padding)."""
@@ -39,22 +37,34 @@ class ScalarHeadModel(nn.Module):
         last = (attention_mask.long() * positions).argmax(dim=1)
         return values.gather(1, last[:, None]).squeeze(1)
 
+    def gradient_checkpointing_enable(self) -> None:
+        self.backbone.gradient_checkpointing_enable()
+
+    def _save_head(self, directory: Path) -> None:
+        (directory / MARKER_FILE).write_text('{"head": "scalar"}\n')
+        save_model(self.head, str(directory / HEAD_FILE))
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self.config.save(directory / CONFIG_FILE)
-        (directory / MARKER_FILE).write_text('{"head": "scalar"}\n')
-        save_model(self, str(directory / WEIGHTS_FILE))
+        self.backbone.save_pretrained(directory)
+        self._save_head(directory)
 
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> ScalarHeadModel:
-        """Load a saved scalar model, or start one from a policy dir (backbone weights, fresh head)."""
+    def save_merged(self, directory: str | Path) -> None:
         directory = Path(directory)
-        if not (directory / MARKER_FILE).is_file():
-            return cls(MiniMindLM.from_pretrained(directory, device)).to(device)
-        model = cls(MiniMindLM(ModelConfig.load(directory / CONFIG_FILE)))
+        getattr(self.backbone, "save_merged", self.backbone.save_pretrained)(directory)
+        self._save_head(directory)
+
+    def load_weights(self, directory: str | Path) -> None:
+        self.backbone.load_weights(directory)
+        self.load_head(directory)
+
+    def load_head(self, directory: str | Path) -> None:
+        path = Path(directory) / HEAD_FILE
         try:
-            load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
+            load_model(self.head, str(path), device=str(self.head.weight.device))
         except Exception as e:
-            raise ValueError(f"{directory / WEIGHTS_FILE}: cannot load weights ({e})") from e
-        return model.to(device)
+            raise ValueError(f"{path}: cannot load the scalar head ({e})") from e
+
+
+def has_scalar_head(directory: str | Path) -> bool:
+    return (Path(directory) / MARKER_FILE).is_file()

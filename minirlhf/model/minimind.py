@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -189,6 +190,7 @@ class MiniMindLM(nn.Module):
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.gradient_checkpointing = False
         self.apply(self._init_weights)
 
     @staticmethod
@@ -216,7 +218,10 @@ class MiniMindLM(nn.Module):
         aux_total = None
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.keys[i], cache.values[i], past) if cache is not None else None
-            x, aux = layer(x, cos, sin, mask, layer_cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, aux = checkpoint(layer, x, cos, sin, mask, layer_cache, use_reentrant=False)
+            else:
+                x, aux = layer(x, cos, sin, mask, layer_cache)
             if aux is not None:
                 aux_total = aux if aux_total is None else aux_total + aux
         if cache is not None:
@@ -233,6 +238,13 @@ class MiniMindLM(nn.Module):
         p = next(self.parameters())
         return KVCache(self.config, batch_size, max_len, p.device, p.dtype)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute each layer's activations in backward instead of storing them (saves memory, costs time)."""
+        self.gradient_checkpointing = True
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
@@ -242,6 +254,14 @@ class MiniMindLM(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save(directory / CONFIG_FILE)
         save_model(self, str(directory / WEIGHTS_FILE))
+
+    def load_weights(self, directory: str | Path) -> None:
+        """Load weights written by `save_pretrained` into this model, in place."""
+        path = Path(directory) / WEIGHTS_FILE
+        try:
+            load_model(self, str(path), device=str(next(self.parameters()).device))
+        except Exception as e:  # safetensors raises several types for truncated or foreign files
+            raise ValueError(f"{path}: cannot load weights ({e})") from e
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MiniMindLM:

@@ -27,6 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import field
+from ..model.loading import save_final
+from ..model.lora import LoRAConfig
 from . import checkpoint as ckpt
 
 
@@ -53,6 +55,8 @@ class TrainConfig:
     resume: bool = field(False, "continue from the latest checkpoint in out_dir")
     max_bad_steps: int = field(5, "abort after this many non-finite steps in a row", min=1)
     report_to: str = field("none", "none | tensorboard | wandb (when installed)")
+    lora: LoRAConfig = field(LoRAConfig(), "LoRA adapters (peft) on the trained policy; lora.r=0 trains all weights")
+    gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
     progress: bool = field(True, "show a progress bar")
 
 
@@ -74,9 +78,11 @@ class Algorithm:
     def evaluate(self) -> dict[str, float]:
         return {}
 
-    def save(self, name: str, directory: Path) -> None:
-        """Write module `name` as a loadable model dir (weights, config, tokenizer)."""
-        self.modules[name].save_pretrained(directory)
+    def save(self, name: str, directory: Path, final: bool = False) -> None:
+        """Write module `name` as a loadable model dir (weights, config, tokenizer); `final`: the result a user
+        loads (LoRA merged), else a checkpoint that `load_weights` reads back."""
+        module = self.modules[name]
+        save_final(module, directory) if final else module.save_pretrained(directory)
         tokenizer = getattr(self, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save(directory)
@@ -177,7 +183,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     if latest:
         state = ckpt.load_state(latest[0])
         for module_name, module in algo.modules.items():
-            load_model(module, str(latest[0] / module_name / "model.safetensors"), strict=True)
+            _load_weights(module, latest[0] / module_name)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
@@ -245,8 +251,16 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     eval_metrics = _evaluate(algo)
     log.log(cfg.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
     first = next(iter(algo.modules))
-    ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp))
+    ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp, final=True))
     return eval_metrics
+
+
+def _load_weights(module: nn.Module, directory: Path) -> None:
+    """Restore a checkpointed module in place: its own `load_weights`, else plain safetensors."""
+    if hasattr(module, "load_weights"):
+        module.load_weights(directory)
+    else:
+        load_model(module, str(directory / "model.safetensors"), strict=True)
 
 
 def _evaluate(algo: Algorithm) -> dict[str, float]:
