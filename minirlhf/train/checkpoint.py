@@ -23,6 +23,7 @@ def atomic_write_dir(final: Path, write: Any) -> None:
     """Call `write(tmp_dir)` then move tmp_dir to `final` (replacing an existing one)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(final)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -36,6 +37,31 @@ def atomic_write_dir(final: Path, write: Any) -> None:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(final: Path) -> None:
+    """Tidy what a process killed inside `atomic_write_dir(final)` left behind: a half-written `.tmp-` dir is
+    deleted; an `.old-` dir (killed between the two renames) is the previous complete version, so it is put
+    back if `final` is missing. Only dirs of processes that are no longer running are touched."""
+    for prefix in (".old-", ".tmp-"):
+        for path in final.parent.glob(f"{prefix}{final.name}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            if prefix == ".old-" and not final.exists():
+                os.replace(path, final)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_tree(directory: Path) -> None:
