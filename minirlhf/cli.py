@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 from pathlib import Path
 
 from .config import ConfigError, describe, load_stage_config, parse_overrides
 from .data.formats import DataError
 from .stages import STAGES, check_context_window
+from .train.checkpoint import blocked_pickle_reason
 from .train.loop import NonFiniteError
 
 DEFAULT_CONFIG = "configs/rlhf.yaml"
@@ -197,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ValueError as e:  # invalid model files, tokenizer mismatches and similar user-fixable problems
         print(f"minirlhf: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except pickle.UnpicklingError as e:  # a weights file torch refused to unpickle (weights_only=True)
+        print("minirlhf: error: refusing to load a weights file that holds objects other than tensors (it could run "
+              f"code); nothing was unpickled ({blocked_pickle_reason(e)})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("minirlhf: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)

@@ -9,6 +9,7 @@ checkpoint where `--resume` would find it.
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,21 @@ def save_state(directory: Path, state: dict[str, Any]) -> None:
     torch.save(state, Path(directory) / STATE_FILE)
 
 
+def blocked_pickle_reason(error: BaseException) -> str:
+    """The one line of torch's weights-only refusal that says what was blocked (e.g. `Trying to load unsupported
+    GLOBAL posix.system ...`), without its advice to retry with weights_only=False."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
+    return (blocked or lines or [type(error).__name__])[0]
+
+
 def load_state(directory: Path) -> dict[str, Any]:
     """Trainer state, unpickled with weights_only=True: tensors and plain containers only, no code."""
     path = Path(directory) / STATE_FILE
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refusing to load trainer state: it holds objects other than tensors and plain "
+                         f"containers, which could run code; not unpickled ({blocked_pickle_reason(e)})") from None
     except Exception as e:
         raise ValueError(f"{path}: refusing to load trainer state ({str(e).splitlines()[0]})") from e
