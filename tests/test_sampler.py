@@ -200,3 +200,15 @@ def test_greedy_logprobs_recompute_with_temperature_zero(make_model):
                                        rollout.full_completion_mask, temperature=0.0)
     p = rollout.prompt_ids.shape[1]
     torch.testing.assert_close(logps[:, p - 1:], rollout.logprobs, atol=1e-5, rtol=0)
+
+
+def test_exponential_race_samples_the_categorical_and_ignores_how_rows_are_split():
+    from minirlhf.generation.sampler import sample_tokens
+
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).expand(20_000, 4)
+    counts = torch.bincount(sample_tokens(probs, torch.Generator().manual_seed(0)), minlength=4).float() / 20_000
+    torch.testing.assert_close(counts, torch.tensor([0.5, 0.3, 0.2, 0.0]), atol=0.015, rtol=0)  # ~3 sigma
+    batch = torch.rand(6, 9, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    whole = sample_tokens(batch, torch.Generator().manual_seed(2))
+    halves = [sample_tokens(batch[i:i + 3], torch.Generator().manual_seed(2), rows=(i, 6)) for i in (0, 3)]
+    assert torch.equal(torch.cat(halves), whole)

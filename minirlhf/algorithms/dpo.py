@@ -32,6 +32,7 @@ from ..eval import pair_sequence_logprobs, task_accuracy
 from ..logprobs import sequence_logprobs
 from ..model import check_vocab, frozen_reference, load_policy
 from ..tokenizer import Tokenizer
+from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
@@ -105,7 +106,8 @@ class DPO(Algorithm):
         self.pairs, self.eval_pairs, self.eval_prompts = pairs, eval_pairs, eval_prompts
         self.modules = {"policy": policy}
         self.num_examples = len(pairs)
-        self.batches = StepBatches(len(pairs), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self.batches = StepBatches(len(pairs), cfg.batch_size, cfg.grad_accum, cfg.seed,
+                                   distributed.rank(), distributed.world_size())
         self.device = next(policy.parameters()).device
         self.uses_ref = cfg.loss_type != "simpo"
         self.reference = None

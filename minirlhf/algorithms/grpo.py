@@ -23,6 +23,7 @@ from ..train.loop import train
 from .online import OnlineConfig, OnlineRL, load_online
 from .policy_gradient import (
     aggregate,
+    aggregate_units,
     clipped_surrogate,
     discounted_returns,
     group_advantages,
@@ -88,7 +89,8 @@ class GRPO(OnlineRL):
         loss, clipped = grpo_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
                                   cfg.clip_eps_low, cfg.clip_eps_high, kl_in_loss, cfg.beta, cfg.loss_type,
                                   cfg.max_new_tokens)
-        return loss, self.common_metrics(terms, clipped)
+        units = aggregate_units(terms["mask"], cfg.loss_type)
+        return loss, {**self.common_metrics(terms, clipped), "loss_weight": units}
 
 
 def run(cfg: GRPOConfig) -> dict[str, float]:

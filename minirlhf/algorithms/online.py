@@ -29,6 +29,7 @@ from ..model import check_vocab, frozen_reference, load_policy, load_scalar_mode
 from ..rewards import RewardModelReward, build_reward
 from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
 from ..tokenizer import Tokenizer
+from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything
 from .policy_gradient import kl_estimate
 
@@ -80,10 +81,13 @@ class OnlineRL(Algorithm):
         self.prompt_order = ExampleOrder(len(prompts), cfg.seed)
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
         rollout_size = cfg.prompts_per_rollout * self.samples_per_prompt
-        mini_batch = cfg.batch_size * cfg.grad_accum
+        world = distributed.world_size()
+        mini_batch = cfg.batch_size * cfg.grad_accum * world
         if rollout_size % mini_batch:
             raise ValueError(f"prompts_per_rollout x samples per prompt ({rollout_size}) must be a multiple of "
-                             f"batch_size x grad_accum ({mini_batch})")
+                             f"batch_size x grad_accum x processes ({mini_batch})")
+        if cfg.prompts_per_rollout % world:
+            raise ValueError(f"prompts_per_rollout ({cfg.prompts_per_rollout}) must divide by the {world} processes")
         self.minibatches_per_epoch = rollout_size // mini_batch
         self.updates_per_rollout = self.minibatches_per_epoch * cfg.epochs_per_rollout
         self.experience: dict[str, torch.Tensor] = {}
@@ -105,24 +109,31 @@ class OnlineRL(Algorithm):
 
     @torch.no_grad()
     def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
-        """Sample, score, and compute old/reference log-probs in batched no-grad passes."""
+        """Sample, score, and compute old/reference log-probs in batched no-grad passes.
+
+        Data parallel: each process samples and scores its contiguous slice of the rows (whole prompts, so
+        whole GRPO groups) with the global batch's noise and prompt width, then the rows are gathered: every
+        process holds the same global buffer and computes the same advantages, as one process would."""
         chosen = self.select_prompts(rollout)
-        rows = [i for i in chosen for _ in range(self.samples_per_prompt)]
+        all_rows = [i for i in chosen for _ in range(self.samples_per_prompt)]
+        rows = distributed.shard(all_rows, "rollout rows")
         generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + rollout)
         self.policy.eval()
         out = generate(self.policy, [self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
-                       self.tokenizer.pad_id, generator)
+                       self.tokenizer.pad_id, generator, rows=(distributed.rank() * len(rows), len(all_rows)),
+                       prompt_width=max(len(self.prompt_ids[i]) for i in all_rows))
         texts = self.tokenizer.batch_decode(out.completions())
         examples = [self.prompts[i] for i in rows]
         rewards = self.score(examples, texts).float().clamp(-self.cfg.reward_clip, self.cfg.reward_clip).to(self.device)
         exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
                "completion_mask": out.full_completion_mask, "rewards": rewards,
                "prompt_index": torch.as_tensor(rows, device=self.device)}
-        mask = exp["completion_mask"][:, 1:].float()
         if self.updates_per_rollout > 1:
             exp["old_logps"] = self._logprobs(self.policy, exp)[0]
         if self.reference is not None:
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
+        exp = distributed.gather_rows(exp)
+        rewards, mask = exp["rewards"], exp["completion_mask"][:, 1:].float()
         stats = self.advantages(exp)
         stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                  "completion_len": float(mask.sum(1).mean())})
@@ -148,14 +159,15 @@ class OnlineRL(Algorithm):
             self.experience = self.make_experience(rollout)
             self.rollout_index = rollout
         epoch, minibatch = divmod(update, self.minibatches_per_epoch)
-        size = self.cfg.batch_size * self.cfg.grad_accum
+        size = self.cfg.batch_size * self.cfg.grad_accum * distributed.world_size()  # global; we take a slice
         n = self.experience["rewards"].shape[0]
         generator = torch.Generator().manual_seed(self.cfg.seed * 7_919 + rollout * 101 + epoch)
         shuffle = self.minibatches_per_epoch > 1 and self.shuffle_rows
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        rows = order[minibatch * size:(minibatch + 1) * size].to(self.device)
+        rows = torch.as_tensor(distributed.shard(order[minibatch * size:(minibatch + 1) * size].tolist(), "rows"),
+                               device=self.device)
         return [{k: v[rows[i:i + self.cfg.batch_size]] for k, v in self.experience.items()}
-                for i in range(0, size, self.cfg.batch_size)]
+                for i in range(0, len(rows), self.cfg.batch_size)]
 
     def policy_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Current log-probs, old log-probs (detached current ones when π_old = π), mask, entropy, KL."""

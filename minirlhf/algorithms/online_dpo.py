@@ -81,6 +81,7 @@ class OnlineDPO(OnlineRL):
         if valid.sum() > 0:
             metrics["rewards/accuracy"] = float(((r_c > r_r).float() * valid).sum() / valid.sum())
             metrics["rewards/margin"] = float(((r_c - r_r) * valid).sum() / valid.sum())
+        metrics["loss_weight"] = float(valid.sum())
         return loss, metrics
 
     def evaluate(self) -> dict[str, float]:

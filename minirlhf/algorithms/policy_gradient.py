@@ -55,6 +55,12 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "d
     raise ValueError(f"unknown aggregation {how!r}")
 
 
+def aggregate_units(mask: torch.Tensor, how: Aggregation = "dapo") -> float:
+    """How many units `aggregate(..., how)` averages over (tokens for dapo, sequences otherwise): the weight
+    that makes data-parallel ranks average to the global-batch loss."""
+    return float(mask.sum()) if how == "dapo" else float((mask.sum(1) > 0).sum())
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group",
                      eps: float = 1e-4) -> torch.Tensor:
     """GRPO: (r - mean_group) / (std_group + ε); `batch` divides by the batch std, `none` only centres

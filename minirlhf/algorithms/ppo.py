@@ -109,6 +109,7 @@ class PPO(OnlineRL):
         metrics = self.common_metrics(terms, clipped)
         metrics.update(policy_loss=float(policy_loss.detach()), value_loss=float(value_loss.detach()),
                        value_clip_ratio=float(value_clip_frac))
+        metrics["loss_weight"] = float(terms["mask"].sum())  # both terms are means over tokens
         return policy_loss + cfg.vf_coef * value_loss, metrics
 
     def state_dict(self) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from ..eval import reward_model_accuracy
 from ..model import check_vocab, load_scalar_model
 from ..model.heads import ScalarHeadModel
 from ..tokenizer import Tokenizer
+from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
 
 
@@ -41,7 +42,8 @@ class RewardModelTraining(Algorithm):
         self.model, self.tokenizer, self.pairs, self.eval_pairs, self.cfg = model, tokenizer, pairs, eval_pairs, cfg
         self.modules = {"reward_model": model}
         self.num_examples = len(pairs)
-        self.batches = StepBatches(len(pairs), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self.batches = StepBatches(len(pairs), cfg.batch_size, cfg.grad_accum, cfg.seed,
+                                   distributed.rank(), distributed.world_size())
         self.device = next(model.parameters()).device
 
     def micro_batches(self, step: int):

@@ -20,6 +20,7 @@ from ..eval import judge_agreement, task_accuracy
 from ..logprobs import gather_logprobs
 from ..model import MiniMindLM, check_vocab, load_policy, preset
 from ..tokenizer import Tokenizer
+from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
 
 
@@ -52,7 +53,8 @@ class LanguageModeling(Algorithm):
                  cfg: LMConfig, eval_examples: list | None = None) -> None:
         self.model, self.tokenizer, self.examples, self.cfg = model, tokenizer, examples, cfg
         self.modules = {"policy": model}
-        self.batches = StepBatches(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed)
+        self.batches = StepBatches(len(examples), cfg.batch_size, cfg.grad_accum, cfg.seed,
+                                   distributed.rank(), distributed.world_size())
         self.num_examples = len(examples)
         self.eval_examples = eval_examples or []
         self.device = next(model.parameters()).device
@@ -70,7 +72,7 @@ class LanguageModeling(Algorithm):
         ids, attention, loss_mask = batch
         out = self.model(ids, attention_mask=attention)
         loss = lm_loss(out.logits, ids, loss_mask)
-        metrics = {"tokens": float(loss_mask[:, 1:].sum())}
+        metrics = {"tokens": float(loss_mask[:, 1:].sum()), "loss_weight": float(loss_mask[:, 1:].sum())}
         if out.aux_loss is not None:
             metrics["aux_loss"] = float(out.aux_loss.detach())
             loss = loss + out.aux_loss

@@ -21,6 +21,7 @@ from ..logprobs import masked_mean
 from ..train.loop import train
 from .grpo import grpo_loss
 from .online import OnlineConfig, OnlineRL, load_online
+from .policy_gradient import aggregate_units
 
 
 @dataclass
@@ -107,7 +108,7 @@ class SPO(OnlineRL):
         terms = self.policy_terms(batch)
         loss, clipped = grpo_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
                                   cfg.clip_eps_low, cfg.clip_eps_high, terms.get("kl"), cfg.beta, "grpo")
-        return loss, self.common_metrics(terms, clipped)
+        return loss, {**self.common_metrics(terms, clipped), "loss_weight": aggregate_units(terms["mask"], "grpo")}
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "tracker": self.tracker.state_dict()}

@@ -53,12 +53,17 @@ def pack(token_lists: Sequence[Sequence[int]], block_len: int, separator: int) -
 
 
 class StepBatches:
-    """Example indices for each optimizer step: `grad_accum` micro-batches of `batch_size` from the stream."""
+    """Example indices for each optimizer step: `grad_accum` micro-batches of `batch_size` from the stream.
 
-    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int) -> None:
+    Data parallel: a global micro-batch is `batch_size * world` consecutive stream positions and process
+    `rank` takes the rank-th slice, so N processes read exactly what one process with N times the batch
+    would."""
+
+    def __init__(self, n: int, batch_size: int, grad_accum: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.order = ExampleOrder(n, seed)
-        self.batch_size, self.grad_accum = batch_size, grad_accum
+        self.batch_size, self.grad_accum, self.rank, self.world = batch_size, grad_accum, rank, world
 
     def indices(self, step: int) -> list[list[int]]:
-        first = step * self.grad_accum
-        return [self.order.take((first + m) * self.batch_size, self.batch_size) for m in range(self.grad_accum)]
+        first, size = step * self.grad_accum, self.batch_size * self.world
+        return [self.order.take((first + m) * size + self.rank * self.batch_size, self.batch_size)
+                for m in range(self.grad_accum)]

@@ -65,10 +65,10 @@ class Rollout:
         return [row[:n] for row, n in zip(self.completion_ids.tolist(), lengths)]
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu"
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ids, mask) with every row right-aligned."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu",
+             width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask) with every row right-aligned, `width` columns (default: the longest row)."""
+    width = max(max(len(s) for s in sequences), width or 0)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, s in enumerate(sequences):
@@ -133,18 +133,34 @@ def packed_cpu_linears(model: nn.Module, batch_size: int) -> Iterator[None]:
                 m.forward = forward
 
 
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None, rows: tuple[int, int] | None = None
+                  ) -> torch.Tensor:
+    """One token per row from `probs` (B, V): argmax(p / E) with E ~ Exp(1) i.i.d., an exact categorical
+    draw (the exponential race). `rows = (offset, total)`: these B rows are rows offset..offset+B-1 of a
+    batch of `total` rows, and the noise is drawn for the whole batch and sliced, so a row's sample does
+    not depend on how the batch was split over processes."""
+    offset, total = rows if rows is not None else (0, probs.shape[0])
+    noise = torch.empty((total, probs.shape[1]), device=probs.device).exponential_(generator=generator)
+    return (probs / noise[offset:offset + probs.shape[0]]).argmax(-1)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, eos_id: int,
-             pad_id: int, generator: torch.Generator | None = None) -> Rollout:
-    """Sample completions for token-id prompts. Deterministic for a given `generator` seed."""
+             pad_id: int, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
+             prompt_width: int | None = None) -> Rollout:
+    """Sample completions for token-id prompts. Deterministic for a given `generator` seed.
+
+    Data-parallel rollouts pass `rows = (offset, total)` (this process's slice of the global batch) and the
+    global `prompt_width`, so every row's tokens equal those of a single process sampling the whole batch."""
     with packed_cpu_linears(model, len(prompts)):
-        return _generate(model, prompts, sampling, eos_id, pad_id, generator)
+        return _generate(model, prompts, sampling, eos_id, pad_id, generator, rows, prompt_width)
 
 
 def _generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, eos_id: int,
-              pad_id: int, generator: torch.Generator | None) -> Rollout:
+              pad_id: int, generator: torch.Generator | None, rows: tuple[int, int] | None,
+              prompt_width: int | None) -> Rollout:
     device = next(model.parameters()).device
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device, prompt_width)
     batch, prompt_len = prompt_ids.shape
     steps = sampling.max_new_tokens
     cache = model.new_cache(batch, prompt_len + steps)
@@ -161,7 +177,7 @@ def _generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Samp
         if sampling.temperature > 0:
             scaled = logits / sampling.temperature
             probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            token = sample_tokens(probs, generator, rows)
         else:
             scaled = logits
             token = logits.argmax(-1)

@@ -17,6 +17,7 @@ import math
 import random
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from ..config import field
 from ..model.loading import save_final
 from ..model.lora import LoRAConfig
 from . import checkpoint as ckpt
+from . import distributed
 
 
 @dataclass
@@ -87,6 +89,14 @@ class Algorithm:
         if tokenizer is not None:
             tokenizer.save(directory)
 
+    def replace_module(self, name: str, module: nn.Module) -> None:
+        """Swap module `name` (e.g. for its DDP wrapper) here and in every attribute that holds it."""
+        old = self.modules[name]
+        self.modules = {**self.modules, name: module}
+        for attr, value in list(vars(self).items()):
+            if value is old:
+                setattr(self, attr, module)
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -95,9 +105,10 @@ class Algorithm:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device to train on; under torchrun this also joins the process group (cuda:LOCAL_RANK on GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        return distributed.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return distributed.setup(torch.device(name))
 
 
 def seed_everything(seed: int) -> None:
@@ -161,11 +172,14 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, float]:
     """Run `cfg.steps` optimizer steps of `algo`; returns the final evaluation metrics."""
+    world, main = distributed.world_size(), distributed.is_main()
     if cfg.epochs > 0 and algo.num_examples:
-        cfg = replace(cfg, steps=max(1, math.ceil(cfg.epochs * algo.num_examples / (cfg.batch_size * cfg.grad_accum))))
+        per_step = cfg.batch_size * cfg.grad_accum * world
+        cfg = replace(cfg, steps=max(1, math.ceil(cfg.epochs * algo.num_examples / per_step)))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device_type = resolve_device(cfg.device).type
+    device = next(next(iter(algo.modules.values())).parameters()).device
+    device_type = device.type
     params, groups = [], []
     for module_name, module in algo.modules.items():
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -191,9 +205,18 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         algo.load_state_dict(state["algorithm"])
         start, bad_steps = state["step"], state["bad_steps"]
         print(f"{name}: resumed from {latest[0]} at step {start}", file=sys.stderr)
-    log = MetricsLog(out_dir, cfg.report_to, start if latest else None, asdict(cfg))
+    log = MetricsLog(out_dir, cfg.report_to, start if latest else None, asdict(cfg)) if main else None
+    ddp_modules = []
+    for module_name, module in list(algo.modules.items()):
+        wrapped = distributed.wrap(module, device)
+        if wrapped is not module:
+            algo.replace_module(module_name, wrapped)
+            ddp_modules.append(wrapped)
 
     def save_checkpoint(step: int) -> None:
+        if not main:
+            return
+
         def write(tmp: Path) -> None:
             for module_name in algo.modules:
                 algo.save(module_name, tmp / module_name)
@@ -207,7 +230,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         ckpt.prune(out_dir, cfg.keep_checkpoints)
 
     t0 = time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not cfg.progress,
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not (cfg.progress and main),
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
     eval_metrics: dict[str, float] = {}
     for step in bar:
@@ -216,17 +239,24 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         batches = algo.micro_batches(step)
         rows = []
         optimizer.zero_grad(set_to_none=True)
-        for batch in batches:
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                loss, metrics = algo.loss(batch)
-            (loss / len(batches)).backward()
+        for i, batch in enumerate(batches):
+            with ExitStack() as stack:
+                if i + 1 < len(batches):  # all-reduce gradients once, after the last micro-batch
+                    for m in ddp_modules:
+                        stack.enter_context(m.no_sync())
+                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    loss, metrics = algo.loss(batch)
+                if "loss_weight" in metrics:
+                    loss = distributed.rank_weighted(loss, metrics.pop("loss_weight"))
+                (loss / len(batches)).backward()
             rows.append({"loss": float(loss.detach()), **metrics})
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e30)
-        metrics = _mean_metrics(rows)
+        metrics = distributed.average_metrics(_mean_metrics(rows))
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
             bad_steps += 1
             optimizer.zero_grad(set_to_none=True)
-            log.log(step + 1, {"skipped_nonfinite": 1.0, "bad_steps": float(bad_steps)})
+            if log:
+                log.log(step + 1, {"skipped_nonfinite": 1.0, "bad_steps": float(bad_steps)})
             if bad_steps >= cfg.max_bad_steps:
                 raise NonFiniteError(
                     f"{name}: {bad_steps} steps in a row had a non-finite loss or gradient (last at step "
@@ -239,19 +269,22 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         optimizer.step()
         scheduler.step()
         metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), elapsed_s=time.time() - t0)
-        log.log(step + 1, metrics)
+        if log:
+            log.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps:
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and log:
             eval_metrics = _evaluate(algo)
             log.log(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if cfg.save_every and done % cfg.save_every == 0:
             save_checkpoint(done)
     bar.close()
-    eval_metrics = _evaluate(algo)
-    log.log(cfg.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
-    first = next(iter(algo.modules))
-    ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp, final=True))
+    if log:  # rank 0 evaluates and writes the result while the others wait
+        eval_metrics = _evaluate(algo)
+        log.log(cfg.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        first = next(iter(algo.modules))
+        ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp, final=True))
+    distributed.barrier()
     return eval_metrics
 
 

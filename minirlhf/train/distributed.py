@@ -1,0 +1,137 @@
+"""Data parallelism on `torch.distributed`: `torchrun --nproc_per_node=N minirlhf <stage> ...`.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; `setup()` joins the process group (nccl on GPU, gloo on CPU)
+and the loop wraps each trainable module in DistributedDataParallel. The split of work:
+
+* `batch_size` is per process; a micro-batch of the global batch (batch_size x world) is a contiguous
+  block of the same seeded example stream a single process would read, and rank r takes the r-th slice.
+* A loss that is a mean over units (tokens, sequences) reports `loss_weight` (its unit count); the loop
+  rescales it so the gradient DDP averages is the mean over the global micro-batch, not a mean of means.
+* Online RL: each rank samples and scores its slice of the rollout (whole GRPO groups), then the rollout
+  is gathered so advantages, whitening and value trackers see the global batch and every rank holds the
+  same buffer (rank 0 checkpoints it, so a run resumes under any world size).
+* Rank 0 alone writes checkpoints, metrics and the progress bar; metrics are averaged over ranks.
+
+With one process every function here is the identity, and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model.heads import ScalarHeadModel
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def setup(device: torch.device) -> torch.device:
+    """Join the torchrun process group if launched by torchrun; returns the device this rank uses."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def shard(items: list, what: str = "items") -> list:
+    """This rank's contiguous slice of `items` (whose length must divide by the world size)."""
+    n, w = len(items), world_size()
+    if n % w:
+        raise ValueError(f"{n} {what} do not split evenly over {w} processes")
+    size = n // w
+    return items[rank() * size:(rank() + 1) * size]
+
+
+def rank_weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
+    """`loss` is a mean over `weight` units on this rank; return it rescaled so the average over ranks (what
+    DDP does to gradients) is the mean over all ranks' units."""
+    if world_size() == 1:
+        return loss
+    total = torch.tensor([float(weight)], dtype=torch.float64, device=loss.device)
+    dist.all_reduce(total)
+    return loss * (weight * world_size() / max(float(total), 1e-12))
+
+
+def average_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the ranks that report it."""
+    if world_size() == 1:
+        return metrics
+    rows: list[Any] = [None] * world_size()
+    dist.all_gather_object(rows, metrics)
+    keys = sorted({k for r in rows for k in r})
+    return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in keys}
+
+
+def gather_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Concatenate every rank's rows in rank order; per-token tensors are right-padded with 0 to a common
+    width first (their masks are 0 there). The identity for one process."""
+    if world_size() == 1:
+        return tensors
+    out = {}
+    for name in sorted(tensors):
+        local = tensors[name]
+        width = torch.tensor([local.shape[-1] if local.dim() > 1 else 0], device=local.device)
+        dist.all_reduce(width, op=dist.ReduceOp.MAX)
+        if local.dim() > 1 and local.shape[-1] < int(width):
+            local = nn.functional.pad(local, (0, int(width) - local.shape[-1]))
+        parts = [torch.empty_like(local) for _ in range(world_size())]
+        dist.all_gather(parts, local.contiguous())
+        out[name] = torch.cat(parts)
+    return out
+
+
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's `value` on every rank."""
+    if world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+class DataParallel(nn.parallel.DistributedDataParallel):
+    """DDP that forwards unknown attributes (`new_cache`, `save_pretrained`, `config` ...) to the wrapped
+    model, so algorithms, the sampler and checkpointing use it exactly like the bare model."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP around a trainable module (gradients all-reduced and averaged in backward). A scalar-head model
+    never uses its backbone's LM head, and MoE layers skip unrouted experts: those need the unused-parameter
+    scan."""
+    if world_size() == 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    unused = isinstance(module, ScalarHeadModel) or getattr(module.config, "use_moe", False)
+    # Buffers (RoPE tables) are equal on every rank: no need to re-send them each forward.
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+        nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False}
+    return DataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                        find_unused_parameters=bool(unused), **sync)
