@@ -67,3 +67,19 @@ def test_two_process_grpo_equals_one_process_and_its_checkpoint_resumes_in_one(t
     shutil.rmtree(resumed / "final")
     torchrun(1, "grpo", resumed, batch_size=8, resume="true", **common)
     assert_same(trajectory(resumed, "loss", "reward", "grad_norm"), [r[:2] + r[3:] for r in one])
+
+
+def test_fsdp_sft_equals_one_process_and_its_checkpoint_resumes_sharded_or_not(tmp_path, start_model_dir, task_data):
+    common = {"model": start_model_dir, "data": task_data["sft"], "steps": 4, "max_len": 96, "lr": 1e-3,
+              "save_every": 2, "eval_data": task_data["heldout_rl"], "eval_samples": 2, "max_new_tokens": 4}
+    torchrun(1, "sft", tmp_path / "one", batch_size=4, **common)
+    torchrun(2, "sft", tmp_path / "fsdp", batch_size=2, parallel="fsdp", **common)
+    one = trajectory(tmp_path / "one", "loss", "grad_norm")
+    assert_same(one, trajectory(tmp_path / "fsdp", "loss", "grad_norm"))
+    for nproc, batch_size, parallel in ((1, 4, "ddp"), (2, 2, "fsdp")):  # FSDP checkpoint -> 1 process / FSDP
+        resumed = tmp_path / f"resumed{nproc}"
+        shutil.copytree(tmp_path / "fsdp", resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_000004")
+        shutil.rmtree(resumed / "final")
+        torchrun(nproc, "sft", resumed, batch_size=batch_size, parallel=parallel, resume="true", **common)
+        assert_same(trajectory(resumed, "loss", "grad_norm"), one)

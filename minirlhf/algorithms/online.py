@@ -86,6 +86,9 @@ class OnlineRL(Algorithm):
         if rollout_size % mini_batch:
             raise ValueError(f"prompts_per_rollout x samples per prompt ({rollout_size}) must be a multiple of "
                              f"batch_size x grad_accum x processes ({mini_batch})")
+        if cfg.parallel == "fsdp" and world > 1:
+            raise ValueError("online RL samples different rows on each rank, which FSDP's per-layer gathers cannot "
+                             "follow yet; use parallel=ddp (optionally with LoRA or gradient_checkpointing)")
         if cfg.prompts_per_rollout % world:
             raise ValueError(f"prompts_per_rollout ({cfg.prompts_per_rollout}) must divide by the {world} processes")
         self.minibatches_per_epoch = rollout_size // mini_batch

@@ -107,6 +107,7 @@ def _can_pack(linears: list[nn.Linear]) -> bool:
     except TypeError:  # torch < 2.4
         autocast = torch.is_autocast_cpu_enabled()
     return not autocast and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                                and not hasattr(m.weight, "device_mesh")  # FSDP-sharded: gathered per forward
                                 and "_packed_weight" not in m.__dict__ for m in linears)
 
 

@@ -17,8 +17,11 @@ With one process every function here is the identity, and nothing is initialised
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -123,15 +126,94 @@ class DataParallel(nn.parallel.DistributedDataParallel):
             return getattr(self.module, name)
 
 
-def wrap(module: nn.Module, device: torch.device) -> nn.Module:
-    """DDP around a trainable module (gradients all-reduced and averaged in backward). A scalar-head model
-    never uses its backbone's LM head, and MoE layers skip unrouted experts: those need the unused-parameter
-    scan."""
+def wrap(module: nn.Module, device: torch.device, how: str = "ddp") -> nn.Module:
+    """DDP around a trainable module (gradients all-reduced and averaged in backward), or FSDP2 sharding
+    (`how="fsdp"`). A scalar-head model never uses its backbone's LM head, and MoE layers skip unrouted
+    experts: those need DDP's unused-parameter scan."""
     if world_size() == 1 or not any(p.requires_grad for p in module.parameters()):
         return module
+    if how == "fsdp":
+        return _fully_shard(module, device)
     unused = isinstance(module, ScalarHeadModel) or getattr(module.config, "use_moe", False)
     # Buffers (RoPE tables) are equal on every rank: no need to re-send them each forward.
     sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
         nn.parallel.DistributedDataParallel).parameters else {"broadcast_buffers": False}
     return DataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
                         find_unused_parameters=bool(unused), **sync)
+
+
+# --- FSDP2 -------------------------------------------------------------------------------------------
+# Each decoder block, then the whole model, is sharded with `fully_shard`: parameters, gradients and
+# optimizer state live 1/N on each rank and blocks are all-gathered just in time for forward and backward.
+# Rank 0 keeps a CPU copy of the unsharded module to write checkpoints in the usual formats (the full
+# weights are gathered into it at save time), and optimizer state is saved unsharded, so an FSDP
+# checkpoint is an ordinary checkpoint: it resumes under FSDP, DDP or a single process alike.
+
+_FULL_COPIES: dict[int, nn.Module | None] = {}
+
+
+def _fully_shard(module: nn.Module, device: torch.device) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    full_copy = copy.deepcopy(module).cpu() if is_main() else None
+    blocks = next((m for n, m in module.named_modules() if n.endswith("layers") and isinstance(m, nn.ModuleList)), [])
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(module, mesh=mesh)
+    _FULL_COPIES[id(module)] = full_copy
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return id(module) in _FULL_COPIES
+
+
+@contextmanager
+def full_modules(algo: Any) -> Iterator[None]:
+    """Inside the block, the sharded modules of `algo.modules` are replaced by rank 0's full CPU copies holding
+    the current weights (a collective: every rank must enter). A no-op without FSDP."""
+    if not any(is_sharded(m) for m in algo.modules.values()):
+        yield
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    saved = algo.modules
+    full = {}
+    for name, module in saved.items():
+        if is_sharded(module):
+            state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            copy_ = _FULL_COPIES[id(module)]
+            if copy_ is not None:
+                copy_.load_state_dict(state)
+            full[name] = copy_
+        else:
+            full[name] = module
+    algo.modules = full
+    try:
+        yield
+    finally:
+        algo.modules = saved
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """`optimizer.state_dict()` with sharded (DTensor) state gathered into full tensors (collective)."""
+    state = optimizer.state_dict()  # its per-parameter dicts are the live ones: build new dicts
+    state["state"] = {index: {key: value.full_tensor().cpu() if hasattr(value, "full_tensor") else value
+                              for key, value in entry.items()} for index, entry in state["state"].items()}
+    return state
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Load a full optimizer state; state of sharded parameters is re-sharded like its parameter."""
+    optimizer.load_state_dict(state)
+    for param, entry in optimizer.state.items():
+        if not hasattr(param, "device_mesh"):
+            continue
+        from torch.distributed.tensor import distribute_tensor
+
+        for key, value in list(entry.items()):
+            if torch.is_tensor(value) and value.shape == param.shape and not hasattr(value, "device_mesh"):
+                entry[key] = distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                               src_data_rank=None)

@@ -20,7 +20,7 @@ import time
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_model
@@ -59,6 +59,7 @@ class TrainConfig:
     report_to: str = field("none", "none | tensorboard | wandb (when installed)")
     lora: LoRAConfig = field(LoRAConfig(), "LoRA adapters (peft) on the trained policy; lora.r=0 trains all weights")
     gradient_checkpointing: bool = field(False, "recompute activations in backward to save memory")
+    parallel: Literal["ddp", "fsdp"] = field("ddp", "under torchrun: ddp replicates the model, fsdp (FSDP2) shards it")
     progress: bool = field(True, "show a progress bar")
 
 
@@ -180,6 +181,24 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(next(iter(algo.modules.values())).parameters()).device
     device_type = device.type
+    fsdp = cfg.parallel == "fsdp" and world > 1
+
+    start, bad_steps, state = 0, 0, None
+    latest = ckpt.checkpoint_dirs(out_dir)[-1:] if cfg.resume else []
+    if cfg.resume and not latest:
+        print(f"{name}: no checkpoint in {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
+    if latest:  # weights go into the bare modules, before they are wrapped or sharded
+        state = ckpt.load_state(latest[0])
+        for module_name, module in algo.modules.items():
+            _load_weights(module, latest[0] / module_name)
+    ddp_modules = []
+    for module_name, module in list(algo.modules.items()):
+        wrapped = distributed.wrap(module, device, cfg.parallel)
+        if wrapped is not module:
+            algo.replace_module(module_name, wrapped)
+            ddp_modules.append(wrapped)
+    ddp_modules = [] if fsdp else ddp_modules
+
     params, groups = [], []
     for module_name, module in algo.modules.items():
         trainable = [p for p in module.parameters() if p.requires_grad]
@@ -189,16 +208,8 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
                    {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0, "lr": lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, cfg))
-
-    start, bad_steps = 0, 0
-    latest = ckpt.checkpoint_dirs(out_dir)[-1:] if cfg.resume else []
-    if cfg.resume and not latest:
-        print(f"{name}: no checkpoint in {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
-    if latest:
-        state = ckpt.load_state(latest[0])
-        for module_name, module in algo.modules.items():
-            _load_weights(module, latest[0] / module_name)
-        optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
+        distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
@@ -206,28 +217,24 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         start, bad_steps = state["step"], state["bad_steps"]
         print(f"{name}: resumed from {latest[0]} at step {start}", file=sys.stderr)
     log = MetricsLog(out_dir, cfg.report_to, start if latest else None, asdict(cfg)) if main else None
-    ddp_modules = []
-    for module_name, module in list(algo.modules.items()):
-        wrapped = distributed.wrap(module, device)
-        if wrapped is not module:
-            algo.replace_module(module_name, wrapped)
-            ddp_modules.append(wrapped)
 
     def save_checkpoint(step: int) -> None:
-        if not main:
-            return
+        optimizer_state = distributed.full_optimizer_state(optimizer)  # collective under FSDP
 
         def write(tmp: Path) -> None:
             for module_name in algo.modules:
                 algo.save(module_name, tmp / module_name)
             ckpt.save_state(tmp, {
-                "step": step, "bad_steps": bad_steps, "optimizer": optimizer.state_dict(),
+                "step": step, "bad_steps": bad_steps, "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "rng_torch": torch.get_rng_state(),
                 "rng_python": random.getstate(), "algorithm": algo.state_dict(),
             })
 
-        ckpt.atomic_write_dir(ckpt.checkpoint_path(out_dir, step), write)
-        ckpt.prune(out_dir, cfg.keep_checkpoints)
+        with distributed.full_modules(algo):  # FSDP: rank 0 holds full copies of the sharded modules
+            if main:
+                ckpt.atomic_write_dir(ckpt.checkpoint_path(out_dir, step), write)
+                ckpt.prune(out_dir, cfg.keep_checkpoints)
+        distributed.barrier()
 
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not (cfg.progress and main),
@@ -251,6 +258,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
                 (loss / len(batches)).backward()
             rows.append({"loss": float(loss.detach()), **metrics})
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e30)
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         metrics = distributed.average_metrics(_mean_metrics(rows))
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
             bad_steps += 1
@@ -273,17 +281,21 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
             log.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         done = step + 1
-        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and log:
-            eval_metrics = _evaluate(algo)
-            log.log(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and (log or fsdp):
+            eval_metrics = _evaluate(algo)  # FSDP: every rank runs the same evaluation in lockstep
+            if log:
+                log.log(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if cfg.save_every and done % cfg.save_every == 0:
             save_checkpoint(done)
     bar.close()
-    if log:  # rank 0 evaluates and writes the result while the others wait
+    if log or fsdp:  # rank 0 evaluates and writes the result while the others wait (FSDP: all evaluate)
         eval_metrics = _evaluate(algo)
+    if log:
         log.log(cfg.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
-        first = next(iter(algo.modules))
-        ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp, final=True))
+    with distributed.full_modules(algo):
+        if main:
+            first = next(iter(algo.modules))
+            ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp, final=True))
     distributed.barrier()
     return eval_metrics
 
