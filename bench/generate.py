@@ -6,7 +6,7 @@ with the same thread count. Both sample from softmax(logits / T) with the same t
 random prompts (no padding, so each row's attention mask is all ones; HF is given it explicitly).
 
 Both engines must produce exactly `--new-tokens` tokens per row, so neither may stop early:
-- ours gets `eos_id=-1`, an id `torch.multinomial` can never return, so no row ever finishes;
+- ours gets `eos_id=-1`, an id the sampler can never return, so no row ever finishes;
 - HF gets `eos_token_id=None` (the exported config has no EOS either) plus `min_new_tokens=max_new_tokens`,
   so it has no EOS stopping criterion and stops only at the length limit.
 The output lengths are checked. Each engine gets one warm-up run, then the median of `--runs` timed runs,

@@ -126,6 +126,8 @@ def build_config(cls: type[T], values: dict[str, Any], where: str = "config") ->
             raise ConfigError(f"{where}.{key}: {value!r} is below the minimum {meta['min']}")
         if value is not None and "gt" in meta and value <= meta["gt"]:
             raise ConfigError(f"{where}.{key}: {value!r} must be greater than {meta['gt']}")
+        if value is not None and "lt" in meta and value >= meta["lt"]:
+            raise ConfigError(f"{where}.{key}: {value!r} must be less than {meta['lt']}")
         checked[key] = value
     return cls(**checked)
 

@@ -332,17 +332,15 @@ def test_overlong_conversation_is_truncated_with_a_notice(tmp_path, start_model_
 
 
 def test_only_overlong_conversations_is_an_error(tmp_path, start_model_dir):
-    """Every conversation's prompt fills max_len, so truncation leaves nothing to learn: exit 2.
-    Known gap (algorithms/sft.py, not owned here): the notice and the error are two lines, and the error
-    does not name the file; see docs/reliability.md."""
+    """Every conversation's prompt fills max_len, so truncation leaves nothing to learn: one line, exit 2."""
     long = conv(("user", "What is 2 + 3? " * 60), ("assistant", "The answer is 5."))
     data = write_lines(tmp_path / "data.jsonl", [long, long])
     config = stage_yaml(tmp_path, "sft", start_model_dir, data, max_len=32)
     proc = run_cli(["sft", "--config", config], tmp_path)
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert "truncated 2 conversations to max_len=32; dropped 2 left with no assistant tokens" in lines[0]
-    assert lines[-1].startswith("minirlhf: error: ") and "no examples to train on" in lines[-1]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0] == (f"minirlhf: error: {data}: all 2 conversations were dropped: none has an assistant token "
+                        "within max_len=32; raise max_len")
     assert not (tmp_path / "out" / "final").exists() and not (tmp_path / "out" / "checkpoints").exists()
 
 

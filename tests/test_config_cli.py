@@ -211,3 +211,11 @@ def test_nested_sections_from_yaml_and_dotted_overrides(tmp_path):
         load_stage_config(TrainConfig, None, "sft", parse_overrides(["lora.r=-1"]))
     with pytest.raises(ConfigError, match="expected a mapping of LoRAConfig options"):
         load_stage_config(TrainConfig, None, "sft", {"lora": 3})
+
+
+def test_upper_bounds_are_checked():
+    from minirlhf.algorithms.dpo import DPOConfig
+
+    with pytest.raises(ConfigError, match="dpo.label_smoothing: 0.5 must be less than 0.5"):
+        build_config(DPOConfig, {"label_smoothing": 0.5}, where="dpo")
+    assert build_config(DPOConfig, {"label_smoothing": 0.1}, where="dpo").label_smoothing == 0.1

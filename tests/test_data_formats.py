@@ -260,3 +260,24 @@ def test_real_gsm8k():
     assert len(examples) > 1000
     assert all(e.answer is not None and "####" in e.answer for e in examples)
     assert all(len(e.prompt) == 1 and e.prompt[0]["role"] == "user" for e in examples)
+
+
+def test_a_saved_datasets_dataset_is_data_too(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"question": "What is 2 + 3?", "answer": "#### 5"}, {"question": "What is 4 * 4?", "answer": "#### 16"}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "single"))
+    prompts = load_prompts(tmp_path / "single", prompt_field="question")
+    assert [p.prompt[0]["content"] for p in prompts] == ["What is 2 + 3?", "What is 4 * 4?"]
+    assert [p.answer for p in prompts] == ["#### 5", "#### 16"]
+
+    chats = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(chats),
+                                   "test": datasets.Dataset.from_list(chats * 2)})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert len(load_sft(tmp_path / "dict")) == 1  # the train split by default
+    assert len(load_sft(f"{tmp_path / 'dict'}:test")) == 2
+    with pytest.raises(DataError, match=r"name a split as .*:<split>; it has \['test', 'train'\]"):
+        load_sft(f"{tmp_path / 'dict'}:validation")
+    datasets.Dataset.from_list([{"messages": [{"role": "robot", "content": "x"}]}]).save_to_disk(str(tmp_path / "bad"))
+    with pytest.raises(DataError, match=r"bad:1: field 'messages\[0\].role'"):
+        load_sft(tmp_path / "bad")

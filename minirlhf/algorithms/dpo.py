@@ -95,7 +95,8 @@ class DPOConfig(TrainConfig):
     max_new_tokens: int = field(48, "generation budget for held-out task accuracy", min=1)
     beta: float = field(0.1, "β: strength of the implicit KL constraint (SimPO: reward scale)", min=0)
     loss_type: LossType = field("sigmoid", "sigmoid (DPO) | ipo | hinge | robust | simpo")
-    label_smoothing: float = field(0.0, "ε: assumed label-noise rate (sigmoid = cDPO, robust = rDPO)", min=0)
+    label_smoothing: float = field(0.0, "ε: assumed label-noise rate (sigmoid = cDPO, robust = rDPO)", min=0,
+                                   lt=0.5)
     simpo_gamma: float = field(0.5, "γ: SimPO target margin", min=0)
     precompute_ref: bool = field(True, "compute reference log-probs once before training (no reference model held)")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -65,6 +65,9 @@ class OnlineConfig(TrainConfig):
     clip_eps_low: float = field(0.2, "ε_low: ratio clipped below at 1 - ε_low", gt=0)
     clip_eps_high: float = field(0.2, "ε_high: ratio clipped above at 1 + ε_high (DAPO clip-higher: 0.28)", gt=0)
     max_new_tokens_eval: int = field(48, "generation budget for held-out accuracy", min=1)
+    generation_backend: Literal["native", "vllm"] = field(
+        "native", "rollouts from our KV-cache sampler, or from vLLM (CUDA + `pip install vllm`), weights synced")
+    vllm_gpu_memory: float = field(0.3, "share of GPU memory vLLM may take for weights and KV cache", gt=0)
 
 
 class OnlineRL(Algorithm):
@@ -94,6 +97,7 @@ class OnlineRL(Algorithm):
         self.minibatches_per_epoch = rollout_size // mini_batch
         self.updates_per_rollout = self.minibatches_per_epoch * cfg.epochs_per_rollout
         self.experience: dict[str, torch.Tensor] = {}
+        self.vllm = None  # started on the first rollout when generation_backend is vllm
         self.rollout_index = -1
         self.history: list[dict[str, float]] = []
 
@@ -120,14 +124,19 @@ class OnlineRL(Algorithm):
         chosen = self.select_prompts(rollout)
         all_rows = [i for i in chosen for _ in range(self.samples_per_prompt)]
         rows = distributed.shard(all_rows, "rollout rows")
-        generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + rollout)
         self.policy.eval()
-        out = generate(self.policy, [self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
-                       self.tokenizer.pad_id, generator, rows=(distributed.rank() * len(rows), len(all_rows)),
-                       prompt_width=max(len(self.prompt_ids[i]) for i in all_rows))
+        offset, width = distributed.rank() * len(rows), max(len(self.prompt_ids[i]) for i in all_rows)
+        if self.cfg.generation_backend == "vllm":
+            out = self._vllm_rollout(rollout, rows, offset, width)
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + rollout)
+            out = generate(self.policy, [self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
+                           self.tokenizer.pad_id, generator, rows=(offset, len(all_rows)), prompt_width=width)
         texts = self.tokenizer.batch_decode(out.completions())
         examples = [self.prompts[i] for i in rows]
-        rewards = self.score(examples, texts).float().clamp(-self.cfg.reward_clip, self.cfg.reward_clip).to(self.device)
+        rewards = self.score(examples, texts).float().to(self.device)
+        nonfinite = float((~torch.isfinite(rewards)).sum())  # NaN counts as 0, ±inf as ±reward_clip
+        rewards = rewards.nan_to_num(0.0).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
                "completion_mask": out.full_completion_mask, "rewards": rewards,
                "prompt_index": torch.as_tensor(rows, device=self.device)}
@@ -137,7 +146,7 @@ class OnlineRL(Algorithm):
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
         exp = distributed.gather_rows(exp)
         rewards, mask = exp["rewards"], exp["completion_mask"][:, 1:].float()
-        stats = self.advantages(exp)
+        stats = {**self.advantages(exp), "reward/nonfinite": nonfinite}
         stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
                  "completion_len": float(mask.sum(1).mean())})
         for name, part in getattr(self.reward, "last_parts", {}).items():
@@ -146,6 +155,17 @@ class OnlineRL(Algorithm):
             stats.update(getattr(fn, "stats", {}))
         self.rollout_stats = stats
         return exp
+
+    def _vllm_rollout(self, rollout: int, rows: list[int], offset: int, width: int):
+        if self.vllm is None:
+            from ..generation.vllm_backend import VLLMGenerator
+
+            self.vllm = VLLMGenerator(self.cfg.model, self.policy, self.cfg.tokenizer or self.cfg.model,
+                                      self.cfg.vllm_gpu_memory, self.cfg.seed)
+        self.vllm.sync_weights(self.policy)
+        seeds = [(self.cfg.seed * 1_000_003 + rollout) * 65_537 + offset + r for r in range(len(rows))]
+        return self.vllm.generate([self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
+                                  self.tokenizer.pad_id, seeds, self.device, width)
 
     def score(self, examples: list[PromptExample], texts: list[str]) -> torch.Tensor:
         """Rewards of one rollout's completions (one per row)."""

@@ -15,7 +15,7 @@ import torch
 
 from ..config import field
 from ..data.batching import StepBatches, pack, pad_right
-from ..data.formats import load_pretrain, load_prompts, load_sft
+from ..data.formats import DataError, load_pretrain, load_prompts, load_sft
 from ..eval import judge_agreement, task_accuracy
 from ..logprobs import gather_logprobs
 from ..model import MiniMindLM, check_vocab, load_policy, preset
@@ -103,7 +103,7 @@ def tokenize_conversations(tokenizer: Tokenizer, conversations, max_len: int) ->
             dropped += 1
             continue
         examples.append((ids, mask))
-    if truncated or dropped:
+    if (truncated or dropped) and examples:  # (with no examples left the caller raises instead)
         print(f"sft: truncated {truncated} conversations to max_len={max_len}; dropped {dropped} left with no "
               "assistant tokens", file=sys.stderr)
     return examples
@@ -132,7 +132,11 @@ def build(cfg: LMConfig) -> LanguageModeling:
             eval_blocks = pack([tokenizer.encode(t) for t in texts], cfg.max_len, tokenizer.pad_id)
             eval_examples = [(b, [1] * len(b)) for b in eval_blocks[: cfg.eval_samples]]
     else:
-        examples = tokenize_conversations(tokenizer, load_sft(cfg.data), cfg.max_len)
+        conversations = load_sft(cfg.data)
+        examples = tokenize_conversations(tokenizer, conversations, cfg.max_len)
+        if not examples:
+            raise DataError(cfg.data, None, None, f"all {len(conversations)} conversations were dropped: none has an "
+                                                  f"assistant token within max_len={cfg.max_len}; raise max_len")
         eval_examples = None
         if cfg.eval_data:
             loader = load_sft if cfg.eval_kind == "judge" else load_prompts

@@ -8,7 +8,9 @@ preference pairs, RL prompts. Design choices:
 - Accept the common public shapes instead of asking for conversion scripts: MiniMind `conversations`,
   OpenAI-style `messages`, prompt/chosen/rejected as strings or message lists (MiniMind, TRL), and
   Anthropic hh-rlhf transcripts.
-- A path may be a .jsonl file, a gzipped .jsonl.gz file, or a directory of them (read in sorted order).
+- A path may be a .jsonl file, a gzipped .jsonl.gz file, a directory of them (read in sorted order), or a
+  Hugging Face `datasets` dataset saved with `save_to_disk` (`path` or `path:split` for a DatasetDict;
+  records are numbered from 1 in place of line numbers).
 - Preference pairs that carry no signal (chosen == rejected, or an empty response) are skipped, not
   fatal; the reasons are handed back so the caller can report how many.
 """
@@ -50,6 +52,10 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[Path, int, dict]]:
     """Yield (file, line_number, object) for each non-blank line of a .jsonl / .jsonl.gz file, or of
     every such file in a directory (sorted by name). Raises DataError for a missing path, an empty
     directory, non-UTF-8 bytes, invalid JSON, a line that is not a JSON object, or a file with no records."""
+    saved = _saved_dataset(str(path))
+    if saved is not None:
+        yield from _read_saved_dataset(*saved)
+        return
     path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith((".jsonl", ".jsonl.gz")))
@@ -63,6 +69,36 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[Path, int, dict]]:
         raise DataError(path, None, None, "file not found")
     for file in files:
         yield from _read_file(file)
+
+
+def _saved_dataset(spec: str) -> tuple[Path, str | None] | None:
+    """(dir, split) if `spec` names a `datasets` save_to_disk directory (`dir` or `dir:split`), else None."""
+    directory, _, split = spec.rpartition(":") if ":" in spec and not Path(spec).exists() else (spec, "", "")
+    directory = Path(directory)
+    markers = ("state.json", "dataset_info.json", "dataset_dict.json")
+    if directory.is_dir() and any((directory / m).is_file() for m in markers):
+        return directory, split or None
+    return None
+
+
+def _read_saved_dataset(directory: Path, split: str | None) -> Iterator[tuple[Path, int, dict]]:
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise DataError(directory, None, None, "a saved `datasets` dataset needs `pip install datasets`") from None
+    try:
+        data = load_from_disk(str(directory))
+    except Exception as e:  # noqa: BLE001 - datasets raises several types for damaged dirs
+        raise DataError(directory, None, None, f"cannot load the saved dataset ({str(e).splitlines()[0]})") from None
+    if isinstance(data, DatasetDict):
+        name = split or ("train" if "train" in data else None)
+        if name not in data:
+            raise DataError(directory, None, None, f"name a split as {directory}:<split>; it has {sorted(data)}")
+        data = data[name]
+    if len(data) == 0:
+        raise DataError(directory, None, None, "no records (the dataset is empty)")
+    for index, record in enumerate(data, 1):
+        yield directory, index, dict(record)
 
 
 def _read_file(file: Path) -> Iterator[tuple[Path, int, dict]]:

@@ -12,6 +12,7 @@ and `load_weights`. Position ids are derived from the attention mask exactly as 
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,8 +78,13 @@ class HFCausalLM(nn.Module):
         logging.disable_progress_bar()
         try:
             model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
-        except OSError as e:
-            raise ValueError(f"{directory}: cannot load the Hugging Face model ({str(e).splitlines()[0]})") from e
+        except Exception as e:  # missing or corrupt files surface as several exception types
+            problem = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+            if "weights_only" in problem or "Unpickl" in type(e).__name__:
+                blocked = re.search(r"GLOBAL [\w.]+", str(e))
+                problem = ("refusing to load a weights file that holds objects other than tensors; nothing was "
+                           f"unpickled ({'unsupported ' + blocked.group(0) if blocked else 'use safetensors'})")
+            raise ValueError(f"{directory}: cannot load the Hugging Face model ({problem})") from e
         return cls(model).to(device)
 
     def get_input_embeddings(self) -> nn.Embedding:

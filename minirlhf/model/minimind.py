@@ -154,6 +154,12 @@ class DecoderLayer(nn.Module):
         return x + mlp_out, None
 
 
+def _first_line(error: Exception) -> str:
+    """The first informative line of a (possibly long, multi-line) loading error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300] if lines else type(error).__name__
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None
@@ -261,7 +267,7 @@ class MiniMindLM(nn.Module):
         try:
             load_model(self, str(path), device=str(next(self.parameters()).device))
         except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{path}: cannot load weights ({e})") from e
+            raise ValueError(f"{path}: cannot load weights ({_first_line(e)})") from e
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MiniMindLM:
@@ -276,5 +282,5 @@ class MiniMindLM(nn.Module):
         try:
             load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
         except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{directory / WEIGHTS_FILE}: cannot load weights ({e})") from e
+            raise ValueError(f"{directory / WEIGHTS_FILE}: cannot load weights ({_first_line(e)})") from e
         return model.to(device)
