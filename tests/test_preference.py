@@ -315,3 +315,19 @@ def test_dpo_loss_matches_trl_on_a_tiny_llama(tokenizer, tmp_path):
         assert ours.item() > 0
         for name, param in policy.named_parameters():
             assert torch.allclose(our_grads[name], param.grad, atol=1e-5), (loss_type, name)
+
+
+def test_online_dpo_pairs_the_best_and_worst_of_n_samples():
+    from types import SimpleNamespace
+
+    from minirlhf.algorithms.online_dpo import OnlineDPO
+
+    rewards = torch.tensor([0.0, 1.0, 0.5, 1.0,   # best = row 1 (first max), worst = row 0
+                            1.0, 1.0, 1.0, 1.0,   # all equal: a tie, kept but invalid
+                            0.2, 0.0, 0.9, 0.1])  # best = row 10, worst = row 9: kept in sampling order
+    exp = {"rewards": rewards, "row": torch.arange(12)}
+    stats = OnlineDPO.advantages(SimpleNamespace(samples_per_prompt=4), exp)
+    assert exp["row"].tolist() == [0, 1, 4, 5, 9, 10]
+    assert exp["is_chosen"].tolist() == [0, 1, 0, 1, 0, 1]  # (the tie's labels do not matter: it is invalid)
+    assert exp["pair_valid"].tolist() == [1, 1, 0, 0, 1, 1]
+    assert stats["valid_pairs"] == pytest.approx(2 / 3)

@@ -52,3 +52,10 @@ def test_online_resume_mid_rollout_is_exact(stage, values, tmp_path, task_data, 
     a = load_file(straight / "final" / "model.safetensors")
     b = load_file(interrupted / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_spo_prioritised_sampling_with_fewer_prompts_than_a_rollout(tmp_path, task_data, start_model_dir):
+    small = tmp_path / "two_prompts.jsonl"
+    small.write_text("".join(task_data["rl"].read_text().splitlines(keepends=True)[:2]))
+    run("spo", tmp_path / "out", {**task_data, "rl": small}, start_model_dir, steps=2)  # 4 prompts from 2
+    assert len(rows(tmp_path / "out")) == 2

@@ -72,6 +72,7 @@ class OnlineConfig(TrainConfig):
 
 class OnlineRL(Algorithm):
     samples_per_prompt = 1
+    rows_per_prompt: int | None = None  # rows kept for training per prompt (None: all samples; online DPO: 2)
     shuffle_rows = True  # False keeps consecutive rows together in mini-batches (online DPO's pairs)
 
     def __init__(self, policy, reference, tokenizer: Tokenizer, prompts: list[PromptExample], reward,
@@ -83,11 +84,11 @@ class OnlineRL(Algorithm):
         self.prompt_ids = [self._encode(p) for p in prompts]
         self.prompt_order = ExampleOrder(len(prompts), cfg.seed)
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-        rollout_size = cfg.prompts_per_rollout * self.samples_per_prompt
+        rollout_size = cfg.prompts_per_rollout * (self.rows_per_prompt or self.samples_per_prompt)
         world = distributed.world_size()
         mini_batch = cfg.batch_size * cfg.grad_accum * world
         if rollout_size % mini_batch:
-            raise ValueError(f"prompts_per_rollout x samples per prompt ({rollout_size}) must be a multiple of "
+            raise ValueError(f"prompts_per_rollout x rows per prompt ({rollout_size}) must be a multiple of "
                              f"batch_size x grad_accum x processes ({mini_batch})")
         if cfg.parallel == "fsdp" and world > 1:
             raise ValueError("online RL samples different rows on each rank, which FSDP's per-layer gathers cannot "

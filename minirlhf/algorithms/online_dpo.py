@@ -1,9 +1,11 @@
 """Online DPO (Guo et al., 2024, "Direct Language Model Alignment from Online AI Feedback").
 
-Each rollout samples two responses per prompt from the current policy; a pairwise AI judge (both orders,
-to cancel position bias) or the configured reward decides which is chosen; ties are dropped. The DPO loss
-(any `loss_type` of dpo.py) is then taken on these fresh pairs, with reference log-probs from a batched
-no-grad pass at rollout time.
+Each rollout samples responses from the current policy; a pairwise AI judge (both orders, to cancel position
+bias) or the configured reward decides which is chosen; ties are dropped. With the reward and
+`samples_per_prompt` n > 2, the pair is the best and the worst of the n samples (as in iterative / online
+DPO recipes that rank several samples, e.g. Xiong et al., 2024), which turns far more prompts into usable
+pairs. The DPO loss (any `loss_type` of dpo.py) is then taken on these fresh pairs, with reference
+log-probs from a batched no-grad pass at rollout time.
 """
 
 from __future__ import annotations
@@ -28,18 +30,23 @@ class OnlineDPOConfig(OnlineConfig):
                                                    "or the pointwise `reward` (e.g. answer correctness)")
     loss_type: LossType = field("sigmoid", "DPO loss variant (see dpo.py)")
     label_smoothing: float = field(0.0, "ε for cDPO / robust DPO", min=0)
+    samples_per_prompt: int = field(2, "responses sampled per prompt; with preference=reward the pair is the "
+                                        "best and the worst of them", min=2)
     eval_pref_data: str = field("", "held-out preference JSONL: implicit-reward preference accuracy")
     max_len: int = field(256, "tokens per held-out preference sequence", min=8)
 
 
 class OnlineDPO(OnlineRL):
-    samples_per_prompt = 2
+    rows_per_prompt = 2
     shuffle_rows = False
 
     def __init__(self, *args, pairwise: PairwiseJudge | None, eval_pairs, cfg: OnlineDPOConfig) -> None:
+        self.samples_per_prompt = cfg.samples_per_prompt
         super().__init__(*args, cfg=cfg)
         if cfg.batch_size % 2:
             raise ValueError("online-dpo: batch_size must be even (pairs stay together)")
+        if pairwise is not None and cfg.samples_per_prompt != 2:
+            raise ValueError("online-dpo: the pairwise judge compares two responses; use samples_per_prompt=2")
         self.pairwise, self.eval_pairs = pairwise, eval_pairs
         self.eval_ref_logps = pair_sequence_logprobs(self.reference, eval_pairs, self.tokenizer.pad_id)[:2] \
             if eval_pairs else None
@@ -52,7 +59,18 @@ class OnlineDPO(OnlineRL):
         return torch.stack([p_first, 1 - p_first], dim=1).view(-1)
 
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
-        """No advantages: mark each row chosen (1) or rejected (0), and whether its pair is usable."""
+        """No advantages: keep the best and the worst response of each prompt (in sampling order), mark each
+        row chosen (1) or rejected (0), and whether its pair is usable (not a tie)."""
+        n = self.samples_per_prompt
+        if n > 2:
+            grouped = exp["rewards"].view(-1, n)
+            best, worst = grouped.argmax(1), grouped.argmin(1)
+            first, second = torch.minimum(best, worst), torch.maximum(best, worst)
+            second = torch.where(first == second, (first + 1) % n, second)  # all equal: any two (a tie)
+            base = torch.arange(grouped.shape[0], device=grouped.device) * n
+            keep = torch.stack([base + first, base + second], dim=1).view(-1)
+            for key in list(exp):
+                exp[key] = exp[key][keep]
         pairs = exp["rewards"].view(-1, 2)
         valid = (pairs[:, 0] != pairs[:, 1]).float()
         first_wins = (pairs[:, 0] > pairs[:, 1]).float()

@@ -85,7 +85,9 @@ class SPO(OnlineRL):
         v = self.tracker.value(torch.arange(len(self.prompts)))
         weights = torch.sqrt(v * (1 - v)) + cfg.priority_eps
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + rollout)
-        return torch.multinomial(weights, cfg.prompts_per_rollout, replacement=False, generator=generator).tolist()
+        replacement = cfg.prompts_per_rollout > len(self.prompts)  # fewer prompts than a rollout needs
+        picks = torch.multinomial(weights, cfg.prompts_per_rollout, replacement=replacement, generator=generator)
+        return picks.tolist()
 
     @torch.no_grad()
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .minimind import ModelOutput
+from .minimind import ModelOutput, default_position_ids
 
 
 @dataclass
@@ -103,10 +103,7 @@ class HFCausalLM(nn.Module):
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
-            else:
-                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+            position_ids = default_position_ids(attention_mask, past, b, t, input_ids.device)
         kwargs = {self._cache_arg: cache.cache, "use_cache": True} if cache is not None else {"use_cache": False}
         hidden = self.hf.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                        **kwargs).last_hidden_state

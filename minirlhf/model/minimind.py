@@ -167,6 +167,15 @@ class ModelOutput:
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (already weighted), else None
 
 
+def default_position_ids(attention_mask: torch.Tensor | None, past: int, batch: int, length: int,
+                         device: torch.device) -> torch.Tensor:
+    """Positions of the `length` new tokens after `past` cached ones: cumsum(mask) - 1, so left padding
+    does not shift them; plain past..past+length-1 without a mask."""
+    if attention_mask is not None:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + length]
+    return torch.arange(past, past + length, device=device).expand(batch, length)
+
+
 def attention_mask_4d(attention_mask: torch.Tensor | None, query_len: int, past_len: int,
                       device: torch.device) -> torch.Tensor | None:
     """Boolean (batch, 1, query, key) mask: causal & key not padded, | the diagonal. None when plain causal."""
@@ -214,10 +223,7 @@ class MiniMindLM(nn.Module):
         if past + t > self.config.max_seq_len:
             raise ValueError(f"sequence of {past + t} tokens exceeds max_seq_len {self.config.max_seq_len}")
         if position_ids is None:
-            if attention_mask is not None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + t]
-            else:
-                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+            position_ids = default_position_ids(attention_mask, past, b, t, input_ids.device)
         cos, sin = self.rope_cos[position_ids], self.rope_sin[position_ids]
         mask = attention_mask_4d(attention_mask, t, past, input_ids.device)
         x = self.embed_tokens(input_ids)
