@@ -101,15 +101,6 @@ def gather_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def broadcast_object(value: Any) -> Any:
-    """Rank 0's `value` on every rank."""
-    if world_size() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
