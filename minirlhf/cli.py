@@ -14,8 +14,8 @@ from pathlib import Path
 
 from .config import ConfigError, describe, load_stage_config, parse_overrides
 from .data.formats import DataError
+from .errors import blocked_pickle_reason, one_line
 from .stages import STAGES, check_context_window
-from .train.checkpoint import blocked_pickle_reason
 from .train.loop import NonFiniteError
 
 DEFAULT_CONFIG = "configs/rlhf.yaml"
@@ -131,13 +131,6 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(args.config or DEFAULT_CONFIG, parse_overrides(args.overrides), only=args.stages)
     return 0
-
-
-def one_line(error: BaseException, limit: int = 500) -> str:
-    """The error's message on one line: a library message that spans lines (e.g. torch's list of size
-    mismatches) is joined and cut to `limit` characters, so stderr stays one line a user can read."""
-    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def build_parser() -> argparse.ArgumentParser:

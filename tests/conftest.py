@@ -6,6 +6,9 @@ Everything is seeded and small so the whole suite runs in well under a minute on
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -63,3 +66,19 @@ def start_model_dir(tmp_path_factory, tokenizer):
     model.save_pretrained(directory)
     tokenizer.save(directory)
     return directory
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: what a malicious checkpoint or weights file would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def exploit():
+    """`exploit(marker)`: an object whose unpickling creates the file `marker` (so a test can see code ran)."""
+    return _Exploit

@@ -241,26 +241,17 @@ def test_logprobs_and_ratios_are_float32_under_bf16_autocast(make_model):
 # Safe loading
 
 
-class _Exploit:
-    """Unpickling this runs a shell command: what a malicious file would carry."""
 
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_the_exploit_pickle_really_runs_code_when_unpickled_unsafely(tmp_path):
+def test_the_exploit_pickle_really_runs_code_when_unpickled_unsafely(tmp_path, exploit):
     """Positive control for the tests below: a plain unpickle of the file does create the marker."""
     marker = tmp_path / "pwned"
-    torch.save({"step": 1, "x": _Exploit(marker)}, tmp_path / "evil.pt")
+    torch.save({"step": 1, "x": exploit(marker)}, tmp_path / "evil.pt")
     code = f"import torch; torch.load({str(tmp_path / 'evil.pt')!r}, weights_only=False)"
     subprocess.run([sys.executable, "-c", code], env=ENV, check=True, timeout=60)
     assert marker.exists()
 
 
-def test_resume_refuses_a_malicious_trainer_state_without_running_it(tmp_path, start_model_dir, task_data):
+def test_resume_refuses_a_malicious_trainer_state_without_running_it(tmp_path, start_model_dir, task_data, exploit):
     out = tmp_path / "out"
     args = ["sft", f"model={start_model_dir}", f"data={task_data['sft']}", f"out_dir={out}", "steps=2",
             "batch_size=2", "max_len=192", "save_every=1", "keep_checkpoints=5", "device=cpu", "progress=false"]
@@ -268,7 +259,7 @@ def test_resume_refuses_a_malicious_trainer_state_without_running_it(tmp_path, s
     latest = ckpt.checkpoint_dirs(out)[-1]
     marker = tmp_path / "pwned"
     state_file = latest / ckpt.STATE_FILE
-    torch.save({"step": 2, "bad_steps": 0, "optimizer": _Exploit(marker)}, state_file)
+    torch.save({"step": 2, "bad_steps": 0, "optimizer": exploit(marker)}, state_file)
 
     with pytest.raises(ValueError, match="refusing to load trainer state"):  # the library
         ckpt.load_state(latest)
@@ -280,13 +271,13 @@ def test_resume_refuses_a_malicious_trainer_state_without_running_it(tmp_path, s
     assert [p.name for p in ckpt.checkpoint_dirs(out)] == ["step_000001", "step_000002"]  # nothing new written
 
 
-def test_native_model_dir_with_pickled_weights_is_refused(tmp_path, start_model_dir, task_data):
+def test_native_model_dir_with_pickled_weights_is_refused(tmp_path, start_model_dir, task_data, exploit):
     model = tmp_path / "model"
     model.mkdir()
     for f in start_model_dir.iterdir():
         (model / f.name).write_bytes(f.read_bytes())
     marker = tmp_path / "pwned"
-    torch.save({"embed_tokens.weight": _Exploit(marker)}, model / "model.safetensors")  # a pickle, misnamed
+    torch.save({"embed_tokens.weight": exploit(marker)}, model / "model.safetensors")  # a pickle, misnamed
     args = ["sft", f"model={model}", f"data={task_data['sft']}", f"out_dir={tmp_path / 'out'}", "steps=1",
             "device=cpu", "progress=false"]
     line = one_error_line(run_cli(args, tmp_path))
@@ -299,7 +290,7 @@ def test_native_model_dir_with_pickled_weights_is_refused(tmp_path, start_model_
     assert not marker.exists() and not (tmp_path / "out" / "final").exists()
 
 
-def test_hugging_face_model_dir_with_pickled_weights_is_refused(tmp_path, task_data, start_model_dir):
+def test_hugging_face_model_dir_with_pickled_weights_is_refused(tmp_path, task_data, start_model_dir, exploit):
     """A transformers-format dir (config.json with `model_type`) whose only weights are a pickle: transformers
     loads .bin files with weights_only=True, so the code never runs and the load fails with one line."""
     model = tmp_path / "hf_model"
@@ -309,7 +300,7 @@ def test_hugging_face_model_dir_with_pickled_weights_is_refused(tmp_path, task_d
         "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
         "max_position_embeddings": 128}))
     marker = tmp_path / "pwned"
-    torch.save({"model.embed_tokens.weight": _Exploit(marker)}, model / "pytorch_model.bin")
+    torch.save({"model.embed_tokens.weight": exploit(marker)}, model / "pytorch_model.bin")
     args = ["sft", f"model={model}", f"tokenizer={start_model_dir}", f"data={task_data['sft']}",
             f"out_dir={tmp_path / 'out'}", "steps=1", "device=cpu", "progress=false"]
     proc = run_cli(args, tmp_path)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
@@ -129,19 +128,10 @@ def test_lr_schedule_warmup_then_cosine_by_hand():
         [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0])
 
 
-class _Exploit:
-    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
 
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
-
-def test_load_state_refuses_pickled_code(tmp_path):
+def test_load_state_refuses_pickled_code(tmp_path, exploit):
     marker = tmp_path / "pwned"
-    torch.save({"step": 3, "optimizer": _Exploit(marker)}, tmp_path / ckpt.STATE_FILE)
+    torch.save({"step": 3, "optimizer": exploit(marker)}, tmp_path / ckpt.STATE_FILE)
     with pytest.raises(ValueError, match="refusing to load trainer state") as info:
         ckpt.load_state(tmp_path)
     assert str(tmp_path / ckpt.STATE_FILE) in str(info.value)

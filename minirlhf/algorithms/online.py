@@ -74,6 +74,7 @@ class OnlineRL(Algorithm):
     samples_per_prompt = 1
     rows_per_prompt: int | None = None  # rows kept for training per prompt (None: all samples; online DPO: 2)
     shuffle_rows = True  # False keeps consecutive rows together in mini-batches (online DPO's pairs)
+    needs_old_logps = False  # True: old log-probs even with one update per rollout (PPO's KL penalty)
 
     def __init__(self, policy, reference, tokenizer: Tokenizer, prompts: list[PromptExample], reward,
                  eval_prompts: list[PromptExample], cfg: OnlineConfig) -> None:
@@ -141,7 +142,7 @@ class OnlineRL(Algorithm):
         exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
                "completion_mask": out.full_completion_mask, "rewards": rewards,
                "prompt_index": torch.as_tensor(rows, device=self.device)}
-        if self.updates_per_rollout > 1:
+        if self.updates_per_rollout > 1 or self.needs_old_logps:
             exp["old_logps"] = self._logprobs(self.policy, exp)[0]
         if self.reference is not None:
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]

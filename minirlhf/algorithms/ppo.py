@@ -56,6 +56,8 @@ def adaptive_kl_update(beta: float, kl: float, target: float, horizon: int) -> f
 
 
 class PPO(OnlineRL):
+    needs_old_logps = True  # the KL penalty in the reward uses them even with one update per rollout
+
     def __init__(self, policy, reference, tokenizer, prompts, reward, eval_prompts, critic, cfg: PPOConfig):
         super().__init__(policy, reference, tokenizer, prompts, reward, eval_prompts, cfg=cfg)
         self.critic = critic
@@ -79,8 +81,6 @@ class PPO(OnlineRL):
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg: PPOConfig = self.cfg
         mask = exp["completion_mask"][:, 1:].float()
-        if "old_logps" not in exp:
-            exp["old_logps"] = self._logprobs(self.policy, exp)[0]
         self.critic.eval()
         values = self._values(exp) * mask
         token_rewards = torch.zeros_like(mask)

@@ -43,6 +43,7 @@ def rollout_from_token_lists(prompts: Sequence[Sequence[int]], completions: Sequ
 def hf_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     """The policy's weights under Hugging Face names, LoRA merged in (what vLLM's `load_weights` expects)."""
     from ..model.hf import HFCausalLM
+    from ..model.hf_export import llama_state_dict
     from ..model.lora import LoRAModel
 
     if isinstance(policy, LoRAModel):
@@ -50,7 +51,7 @@ def hf_state_dict(policy: nn.Module) -> dict[str, torch.Tensor]:
     policy = getattr(policy, "module", policy)  # DDP
     if isinstance(policy, HFCausalLM):
         return policy.hf.state_dict()
-    return {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in policy.state_dict().items()}
+    return llama_state_dict(policy, tied_head=True)
 
 
 class VLLMGenerator:

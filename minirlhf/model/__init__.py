@@ -2,8 +2,8 @@
 for reward/value models, Hugging Face export."""
 
 from .config import PRESETS, ModelConfig, preset
-from .loading import check_vocab, frozen_reference, load_policy, load_scalar_model, save_final
-from .lora import LoRAConfig
+from .loading import check_vocab, frozen_reference, load_policy, load_scalar_model
+from .lora import LoRAConfig, save_final
 from .minimind import KVCache, MiniMindLM, ModelOutput
 
 __all__ = ["PRESETS", "check_vocab", "frozen_reference", "KVCache", "LoRAConfig", "MiniMindLM", "ModelConfig",

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .lora import save_final
+
 MARKER_FILE = "scalar_head.json"
 HEAD_FILE = "scalar_head.safetensors"
 
@@ -51,7 +53,7 @@ class ScalarHeadModel(nn.Module):
 
     def save_merged(self, directory: str | Path) -> None:
         directory = Path(directory)
-        getattr(self.backbone, "save_merged", self.backbone.save_pretrained)(directory)
+        save_final(self.backbone, directory)
         self._save_head(directory)
 
     def load_weights(self, directory: str | Path) -> None:

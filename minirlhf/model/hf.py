@@ -12,7 +12,6 @@ and `load_weights`. Position ids are derived from the attention mask exactly as 
 from __future__ import annotations
 
 import inspect
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..errors import blocked_pickle_reason
 from .minimind import ModelOutput, default_position_ids
 
 
@@ -81,9 +81,8 @@ class HFCausalLM(nn.Module):
         except Exception as e:  # missing or corrupt files surface as several exception types
             problem = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
             if "weights_only" in problem or "Unpickl" in type(e).__name__:
-                blocked = re.search(r"GLOBAL [\w.]+", str(e))
                 problem = ("refusing to load a weights file that holds objects other than tensors; nothing was "
-                           f"unpickled ({'unsupported ' + blocked.group(0) if blocked else 'use safetensors'})")
+                           f"unpickled ({blocked_pickle_reason(e)})")
             raise ValueError(f"{directory}: cannot load the Hugging Face model ({problem})") from e
         return cls(model).to(device)
 

@@ -44,6 +44,14 @@ def llama_config(model: MiniMindLM, eos_id: int | None = None, pad_id: int | Non
     }
 
 
+def llama_state_dict(model: MiniMindLM, tied_head: bool = False) -> dict[str, torch.Tensor]:
+    """The native weights under Hugging Face Llama names (`model.` prefix). A tied LM head is left out (it is
+    the embedding) unless `tied_head`."""
+    skip_head = model.config.tie_embeddings and not tied_head
+    return {name if name == "lm_head.weight" else f"model.{name}": tensor
+            for name, tensor in model.state_dict().items() if not (name == "lm_head.weight" and skip_head)}
+
+
 def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
               eos_id: int | None = None, pad_id: int | None = None) -> Path:
     """Write `out_dir/{config.json, model.safetensors, tokenizer files}` in Llama layout."""
@@ -51,13 +59,7 @@ def export_hf(model: MiniMindLM, out_dir: str | Path, tokenizer_dir: str | Path 
         raise ValueError("export-hf: mixture-of-experts models have no Llama equivalent; export a dense model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":
-            if not model.config.tie_embeddings:
-                tensors[name] = tensor.contiguous().clone()
-            continue
-        tensors[f"model.{name}"] = tensor.contiguous().clone()
+    tensors = {name: tensor.contiguous().clone() for name, tensor in llama_state_dict(model).items()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     (out_dir / "config.json").write_text(json.dumps(llama_config(model, eos_id, pad_id), indent=2) + "\n")
     (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id, "pad_token_id": pad_id}))

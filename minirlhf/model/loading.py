@@ -51,11 +51,6 @@ def frozen_reference(policy: nn.Module, ref_path: str, model_path: str, device: 
     return load_policy(ref_path or model_path, device).eval().requires_grad_(False)
 
 
-def save_final(module: nn.Module, directory: str | Path) -> None:
-    """The result a user loads: LoRA merged into the base weights, in the base model's format."""
-    getattr(module, "save_merged", module.save_pretrained)(directory)
-
-
 def check_vocab(model: nn.Module, vocab_size: int, where: str) -> None:
     """Refuse a tokenizer whose ids do not fit the model's embedding table (they would index out of range)."""
     rows = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else \

@@ -91,6 +91,11 @@ class LoRAModel(nn.Module):
             raise ValueError(f"{path}: adapter weights do not match the model ({result.unexpected_keys[:3]})")
 
 
+def save_final(module: nn.Module, directory: str | Path) -> None:
+    """The result a user loads: LoRA merged into the base weights, in the base model's format."""
+    getattr(module, "save_merged", module.save_pretrained)(directory)
+
+
 class AdaptersDisabled(nn.Module):
     """The reference policy of a LoRA run: the same module with its adapters switched off (no copy)."""
 

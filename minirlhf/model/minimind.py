@@ -19,6 +19,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import one_line
 from .config import ModelConfig
 
 CONFIG_FILE = "config.json"
@@ -154,12 +155,6 @@ class DecoderLayer(nn.Module):
         return x + mlp_out, None
 
 
-def _first_line(error: Exception) -> str:
-    """The first informative line of a (possibly long, multi-line) loading error."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[:2])[:300] if lines else type(error).__name__
-
-
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None
@@ -273,7 +268,7 @@ class MiniMindLM(nn.Module):
         try:
             load_model(self, str(path), device=str(next(self.parameters()).device))
         except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{path}: cannot load weights ({_first_line(e)})") from e
+            raise ValueError(f"{path}: cannot load weights ({one_line(e, 300)})") from e
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MiniMindLM:
@@ -284,9 +279,6 @@ class MiniMindLM(nn.Module):
             config = ModelConfig.load(directory / CONFIG_FILE)
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{directory / CONFIG_FILE}: invalid model config ({e})") from e
-        model = cls(config)
-        try:
-            load_model(model, str(directory / WEIGHTS_FILE), device=str(device))
-        except Exception as e:  # safetensors raises several types for truncated or foreign files
-            raise ValueError(f"{directory / WEIGHTS_FILE}: cannot load weights ({_first_line(e)})") from e
-        return model.to(device)
+        model = cls(config).to(device)
+        model.load_weights(directory)
+        return model

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..errors import blocked_pickle_reason
+
 STATE_FILE = "trainer_state.pt"
 _PREFIX = "step_"
 
@@ -92,14 +94,6 @@ def prune(out_dir: Path, keep: int) -> None:
 
 def save_state(directory: Path, state: dict[str, Any]) -> None:
     torch.save(state, Path(directory) / STATE_FILE)
-
-
-def blocked_pickle_reason(error: BaseException) -> str:
-    """The one line of torch's weights-only refusal that says what was blocked (e.g. `Trying to load unsupported
-    GLOBAL posix.system ...`), without its advice to retry with weights_only=False."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    blocked = [line for line in lines if "GLOBAL" in line or "Unsupported" in line or "unsupported" in line]
-    return (blocked or lines or [type(error).__name__])[0]
 
 
 def load_state(directory: Path) -> dict[str, Any]:

@@ -28,8 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import field
-from ..model.loading import save_final
-from ..model.lora import LoRAConfig
+from ..model.lora import LoRAConfig, save_final
 from . import checkpoint as ckpt
 from . import distributed
 
@@ -191,13 +190,11 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         state = ckpt.load_state(latest[0])
         for module_name, module in algo.modules.items():
             _load_weights(module, latest[0] / module_name)
-    ddp_modules = []
     for module_name, module in list(algo.modules.items()):
         wrapped = distributed.wrap(module, device, cfg.parallel)
         if wrapped is not module:
             algo.replace_module(module_name, wrapped)
-            ddp_modules.append(wrapped)
-    ddp_modules = [] if fsdp else ddp_modules
+    ddp_modules = [m for m in algo.modules.values() if isinstance(m, distributed.DataParallel)]
 
     params, groups = [], []
     for module_name, module in algo.modules.items():
