@@ -17,6 +17,7 @@ import torch
 from minirlhf.algorithms.grpo import grpo_loss
 from minirlhf.algorithms.policy_gradient import (
     aggregate,
+    aggregate_units,
     clipped_surrogate,
     discounted_returns,
     gae,
@@ -140,6 +141,20 @@ def test_aggregate_by_hand_with_a_skipped_row():
     assert aggregate(per_token, mask, "dr_grpo", max_len=10).item() == pytest.approx(dr_grpo_10)
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate(per_token, mask, "mean")
+
+
+def test_aggregate_units_count_what_each_aggregation_averages_over():
+    """The data-parallel weight of a rank's loss: tokens for dapo, live sequences for grpo and dr_grpo. Splitting
+    the batch above into ranks and re-weighting each rank's aggregate by its units recovers the whole-batch one."""
+    per_token, mask = t(PER_TOKEN), t(MASK)
+    assert aggregate_units(mask, "dapo") == 4.0  # 3 + 0 + 1 response tokens
+    assert aggregate_units(mask, "grpo") == aggregate_units(mask, "dr_grpo") == 2.0  # the empty row does not count
+    for how in ("grpo", "dapo"):
+        parts = [(aggregate(per_token[i:i + 1], mask[i:i + 1], how), aggregate_units(mask[i:i + 1], how))
+                 for i in range(3)]
+        total = sum(units for _, units in parts)
+        assert sum(loss.item() * units for loss, units in parts) / total == pytest.approx(
+            aggregate(per_token, mask, how).item())
 
 
 def test_aggregate_of_an_all_masked_batch_is_zero_not_nan():
