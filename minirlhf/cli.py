@@ -7,18 +7,40 @@ Training stages read their section of the YAML config; `key=value` overrides win
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import pickle
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .config import ConfigError, describe, load_stage_config, parse_overrides
 from .data.formats import DataError
-from .errors import blocked_pickle_reason, one_line
+from .errors import SetupError, blocked_pickle_reason, one_line
 from .stages import STAGES, check_context_window
+from .train.checkpoint import check_writable_dir, checkpoint_dirs
 from .train.loop import NonFiniteError
 
 DEFAULT_CONFIG = "configs/rlhf.yaml"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during a stage, with what a user needs to know to resume."""
+
+    @staticmethod
+    def status_of(e: KeyboardInterrupt) -> int:
+        return 143 if e.args and "SIGTERM" in str(e.args[0]) else 130  # 128 + signal number, as a shell reports
+
+    @property
+    def status(self) -> int:
+        return self.status_of(self)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    # How Slurm, Docker and Kubernetes stop a job: handled like Ctrl-C, so the step in flight is abandoned,
+    # the last checkpoint stays intact, and the user is told how to resume.
+    raise KeyboardInterrupt("stopped by SIGTERM")
 
 
 def _stage_command(stage: str, args: argparse.Namespace) -> int:
@@ -34,7 +56,17 @@ def _stage_command(stage: str, args: argparse.Namespace) -> int:
         overrides["resume"] = True
     cfg = load_stage_config(cls, config_path, stage, overrides)
     check_context_window(stage, cfg)
-    result = run(cfg)
+    if getattr(cfg, "out_dir", ""):  # before any data or model is loaded
+        check_writable_dir(Path(cfg.out_dir), "out_dir")
+    try:
+        result = run(cfg)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: say what is left to resume from
+        out_dir = Path(getattr(cfg, "out_dir", ""))
+        latest = checkpoint_dirs(out_dir)[-1:]
+        raise Interrupted(f"{e.args[0] if e.args else 'interrupted'}; " + (
+            f"the last checkpoint {latest[0]} is intact: continue with `minirlhf {stage} ... resume=true`" if latest
+            else f"no checkpoint was written in {out_dir} (save_every={getattr(cfg, 'save_every', 0)}): nothing "
+                 "to resume, a new run starts over")) from None
     if result:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
@@ -88,6 +120,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     from .model.hf_export import export_hf
     from .tokenizer import Tokenizer
 
+    check_writable_dir(Path(args.out), "--out")
     model = MiniMindLM.from_pretrained(args.model)
     tokenizer = Tokenizer.load(args.model)
     out = export_hf(model, args.out, tokenizer_dir=args.model, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
@@ -181,25 +214,37 @@ def main(argv: list[str] | None = None) -> int:
     if extra and (not hasattr(args, "overrides") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         if args.command in STAGES:
             return _stage_command(args.command, args)
         commands = {"generate": _generate, "chat": _chat, "export-hf": _export_hf, "serve": _serve,
                     "eval-pref": _eval_pref, "demo": _demo}
         return commands[args.command](args)
+    except SetupError as e:  # the machine or a service (no CUDA, a full disk, a judge that is down), not the input
+        print(f"minirlhf: error: {one_line(e)}", file=sys.stderr)
+        return 3
     except (DataError, ConfigError, FileNotFoundError, NonFiniteError, ImportError) as e:
         print(f"minirlhf: error: {one_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:  # invalid model files, tokenizer mismatches and similar user-fixable problems
         print(f"minirlhf: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a read-only file system, a file where a directory should be ...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"minirlhf: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        return 3 if e.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO) else 2
     except pickle.UnpicklingError as e:  # a weights file torch refused to unpickle (weights_only=True)
         print("minirlhf: error: refusing to load a weights file that holds objects other than tensors (it could run "
               f"code); nothing was unpickled ({blocked_pickle_reason(e)})", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("minirlhf: interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
-        return 130
+    except Interrupted as e:
+        print(f"minirlhf: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt as e:
+        print(f"minirlhf: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
+        return Interrupted.status_of(e)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ bool), checks types and ranges, and rejects unknown keys with the list of valid 
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -67,6 +69,15 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 2, 4, 4, 60, 60
+
+
+def _show(value: Any) -> str:
+    """A short repr for error messages: a YAML alias bomb (a list of lists of ... ) must not be expanded."""
+    return _SHORT.repr(value)
+
+
 def _check_type(name: str, value: Any, annotation: Any) -> Any:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -85,17 +96,17 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
-            raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"{name}: {_show(value)} is not one of {list(choices)}")
         return value
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
         if isinstance(value, annotation):
             return value
         if not isinstance(value, dict):
-            raise ConfigError(f"{name}: expected a mapping of {annotation.__name__} options, got {value!r}")
+            raise ConfigError(f"{name}: expected a mapping of {annotation.__name__} options, got {_show(value)}")
         return build_config(annotation, value, where=name)
     if origin in (list, dict):
         if not isinstance(value, origin):
-            raise ConfigError(f"{name}: expected a {origin.__name__}, got {value!r}")
+            raise ConfigError(f"{name}: expected a {origin.__name__}, got {_show(value)}")
         return value
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -103,10 +114,10 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"{name}: expected float, got {value!r}") from None
+            raise ConfigError(f"{name}: expected float, got {_show(value)}") from None
     if annotation in (int, float, str, bool):
         if not isinstance(value, annotation) or (annotation is int and isinstance(value, bool)):
-            raise ConfigError(f"{name}: expected {annotation.__name__}, got {value!r}")
+            raise ConfigError(f"{name}: expected {annotation.__name__}, got {_show(value)}")
         return value
     return value
 
@@ -122,8 +133,15 @@ def build_config(cls: type[T], values: dict[str, Any], where: str = "config") ->
     for key, value in values.items():
         value = _check_type(f"{where}.{key}", value, hints[key])
         meta = fields[key].metadata
+        # NaN and inf pass every range check (`nan < min` is false), so they are refused here, by name.
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}.{key}: {value!r} is not a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{where}.{key}: {value} does not fit in a signed 64-bit integer")
         if value is not None and "min" in meta and value < meta["min"]:
             raise ConfigError(f"{where}.{key}: {value!r} is below the minimum {meta['min']}")
+        if value is not None and "max" in meta and value > meta["max"]:
+            raise ConfigError(f"{where}.{key}: {value!r} is above the maximum {meta['max']}")
         if value is not None and "gt" in meta and value <= meta["gt"]:
             raise ConfigError(f"{where}.{key}: {value!r} must be greater than {meta['gt']}")
         if value is not None and "lt" in meta and value >= meta["lt"]:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class SetupError(RuntimeError):
+    """The machine cannot do what was asked (no CUDA in this PyTorch build, a full disk, a judge endpoint that
+    is down): not the user's input. The CLI reports it in one line and exits 3."""
+
+
 def one_line(error: BaseException, limit: int = 500) -> str:
     """The error's message on one line: a library message that spans lines (e.g. torch's list of size
     mismatches) is joined and cut to `limit` characters, so stderr stays one line a user can read."""

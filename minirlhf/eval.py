@@ -10,7 +10,7 @@ from torch import nn
 
 from .data.formats import Message, PromptExample
 from .data.pairs import collate_pairs
-from .data.task import is_correct
+from .data.task import JUDGE_THRESHOLD, STYLES, is_correct, response_style
 from .generation import SamplingConfig, generate
 from .logprobs import sequence_logprobs
 from .tokenizer import Tokenizer
@@ -29,16 +29,34 @@ def generate_responses(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence
     return texts
 
 
-def task_accuracy(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[PromptExample],
-                  max_new_tokens: int = 48, batch_size: int = 64) -> float:
-    """Share of prompts whose greedy response states the right final answer."""
+def standard_error(p: float, n: int) -> float:
+    """Standard error of a share p measured on n independent problems: sqrt(p (1 - p) / n)."""
+    return (p * (1 - p) / max(1, n)) ** 0.5
+
+
+def task_metrics(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[PromptExample],
+                 max_new_tokens: int = 48, sampled: bool = True, batch_size: int = 64, seed: int = 0
+                 ) -> dict[str, float]:
+    """Held-out task metrics of a policy:
+    accuracy (± accuracy_se)        share of prompts whose greedy response states the right final answer
+    sampled_accuracy (± sampled_se) the same for one response sampled at T = 1 (pass@1), if `sampled`
+    style/<s>                       share of greedy responses in each rubric style (data.task.STYLES)"""
     was_training = model.training
     model.eval()
-    responses = generate_responses(model, tokenizer, [e.prompt for e in examples],
-                                   SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
-                                   batch_size=batch_size)
+    prompts, n = [e.prompt for e in examples], max(1, len(examples))
+    greedy = generate_responses(model, tokenizer, prompts, SamplingConfig(max_new_tokens, temperature=0.0),
+                                batch_size=batch_size)
+    accuracy = sum(is_correct(r, e.answer) for r, e in zip(greedy, examples)) / n
+    metrics = {"accuracy": accuracy, "accuracy_se": standard_error(accuracy, n)}
+    styles = [response_style(r) for r in greedy]
+    metrics.update({f"style/{s}": styles.count(s) / n for s in STYLES})
+    if sampled:
+        samples = generate_responses(model, tokenizer, prompts, SamplingConfig(max_new_tokens, temperature=1.0),
+                                     seed=seed, batch_size=batch_size)
+        p = sum(is_correct(r, e.answer) for r, e in zip(samples, examples)) / n
+        metrics.update(sampled_accuracy=p, sampled_se=standard_error(p, n))
     model.train(was_training)
-    return sum(is_correct(r, e.answer) for r, e in zip(responses, examples)) / max(1, len(examples))
+    return metrics
 
 
 @torch.no_grad()
@@ -72,7 +90,7 @@ def reward_model_accuracy(reward_model: nn.Module, pairs, pad_id: int, batch_siz
 
 
 def judge_agreement(judge: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Message]],
-                    threshold: int = 6, max_new_tokens: int = 8) -> dict[str, float]:
+                    threshold: int = JUDGE_THRESHOLD, max_new_tokens: int = 32) -> dict[str, float]:
     """How often a generative judge's "Score: N" falls on the same side of `threshold` as the reference
     reply (the conversation's last, assistant, turn); unparsable replies count as disagreement."""
     from .rewards.judge import parse_score
@@ -88,4 +106,4 @@ def judge_agreement(judge: nn.Module, tokenizer: Tokenizer, conversations: Seque
         parsed += score is not None
         agree += score is not None and gold is not None and (score >= threshold) == (gold >= threshold)
     n = max(1, len(conversations))
-    return {"agreement": agree / n, "parse_rate": parsed / n}
+    return {"agreement": agree / n, "agreement_se": standard_error(agree / n, n), "parse_rate": parsed / n}

@@ -17,6 +17,11 @@ Design choices:
   than the cap is a 400.
 - With `api_key` set, every endpoint needs `Authorization: Bearer <key>` (401 otherwise). Any unexpected
   error is a 500 whose body holds no internals; the traceback goes to the server log.
+- One request cannot break the server or starve the others: a body over `max_body_bytes` is refused (413)
+  while it is read; a prompt is checked against the context cheaply (by its UTF-8 size, a bound on its token
+  count) before it is tokenized, and tokenized off the event loop; an error inside the worker fails only the
+  requests of that batch (400 for bad input, 500 otherwise) and the worker lives on. `GET /health` answers
+  200 while the worker runs and 503 if it ever stopped.
 - Supported fields: messages (system / user / assistant, string content), max_tokens (or
   max_completion_tokens), temperature, top_p, seed, stream, stream_options.include_usage, n = 1. Others
   (stop, logprobs, tools, ...) are ignored; `model` is echoed as the served model's name.
@@ -110,6 +115,10 @@ class BatchWorker:
         self._queue.put(job)
         return job.future
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def _loop(self) -> None:
         stopping = False
         while not stopping:
@@ -131,18 +140,18 @@ class BatchWorker:
                 if job.future.set_running_or_notify_cancel():  # False: the client went away
                     groups.setdefault(job.group_key(), []).append(job)
             for group in groups.values():
-                self._run(group)
+                try:
+                    self._run(group)
+                except BaseException as e:  # noqa: BLE001 - whatever happens, only this batch fails
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(e if isinstance(e, Exception) else RuntimeError(repr(e)))
 
     def _run(self, jobs: list[_Job]) -> None:
         seed = jobs[0].seed
         generator = self.generator if seed is None else torch.Generator(device=self.device).manual_seed(seed)
-        try:
-            rollout = generate(self.model, [j.prompt_ids for j in jobs], jobs[0].sampling, self.eos_id, self.pad_id,
-                               generator)
-        except Exception as e:  # handed to each request, which answers 500
-            for job in jobs:
-                job.future.set_exception(e)
-            return
+        rollout = generate(self.model, [j.prompt_ids for j in jobs], jobs[0].sampling, self.eos_id, self.pad_id,
+                           generator)
         self.batches_run += 1
         for job, ids in zip(jobs, rollout.completions(), strict=True):
             job.future.set_result(ids)
@@ -188,6 +197,11 @@ def _parse_chat_request(body: Any) -> _ChatRequest:
         if not isinstance(m.get("content"), str):
             raise APIError(400, f"messages[{i}].content must be a string (content parts are not supported)",
                            "invalid_messages", f"messages[{i}].content")
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate such as "\ud800": JSON allows it, UTF-8 does not
+            raise APIError(400, f"messages[{i}].content is not valid Unicode text (a lone surrogate)",
+                           "invalid_messages", f"messages[{i}].content") from None
     n = _get(body, "n", int, 1)
     if n != 1:
         raise APIError(400, "only n=1 is supported", "invalid_value", "n")
@@ -202,9 +216,11 @@ def _parse_chat_request(body: Any) -> _ChatRequest:
     if not 0 < top_p <= 1:
         raise APIError(400, "'top_p' must be in (0, 1]", "invalid_value", "top_p")
     stream_options = _get(body, "stream_options", dict, {})
+    seed = _get(body, "seed", int)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise APIError(400, "'seed' must be an integer in [0, 2^63)", "invalid_value", "seed")
     return _ChatRequest([{"role": m["role"], "content": m["content"]} for m in messages], max_tokens, temperature,
-                        top_p, _get(body, "seed", int), _get(body, "stream", bool, False),
-                        bool(stream_options.get("include_usage")))
+                        top_p, seed, _get(body, "stream", bool, False), bool(stream_options.get("include_usage")))
 
 
 def _token_deltas(tokenizer: Tokenizer, ids: list[int]) -> Iterator[str]:
@@ -221,12 +237,32 @@ def _token_deltas(tokenizer: Tokenizer, ids: list[int]) -> Iterator[str]:
         yield text[len(sent):]
 
 
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes (whatever Content-Length says)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is {declared} bytes; this server accepts at most {limit}",
+                       "request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body passes {limit} bytes, the most this server accepts",
+                           "request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def create_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               max_batch: int = 16, batch_wait_ms: float = 10, max_new_tokens_limit: int = 512) -> FastAPI:
+               max_batch: int = 16, batch_wait_ms: float = 10, max_new_tokens_limit: int = 512,
+               max_body_bytes: int = 1_000_000) -> FastAPI:
     """The ASGI app serving `model`; its worker thread starts and stops with the app's lifespan and is
     reachable as `app.state.worker` (e.g. `app.state.worker.batches_run`)."""
     model.eval()
     context = model.config.max_seq_len
+    # No token of a byte-level BPE spans more than this many bytes, so a prompt of more than
+    # context * max_token_bytes UTF-8 bytes cannot fit, and is refused without tokenizing it.
+    max_token_bytes = tokenizer.max_token_bytes
     worker = BatchWorker(model, tokenizer.eos_id, tokenizer.pad_id, max_batch, batch_wait_ms)
     created = int(time.time())
 
@@ -260,6 +296,12 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, api_key:
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')", "invalid_api_key")
 
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if worker.alive:
+            return JSONResponse({"status": "ok", "batches_run": worker.batches_run})
+        return JSONResponse({"status": "worker stopped"}, status_code=503)
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         authorize(request)
@@ -269,12 +311,20 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, api_key:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request)
+        raw = await _read_body(request, max_body_bytes)
         try:
-            body = json.loads(await request.body())
+            body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise APIError(400, f"the request body is not valid JSON: {e}", "invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the request body is not valid JSON: nested too deeply", "invalid_json") from None
         chat = _parse_chat_request(body)
-        prompt_ids = tokenizer.encode_prompt(chat.messages)
+        size = sum(len(m["content"].encode("utf-8")) for m in chat.messages)
+        if size > context * max_token_bytes:
+            raise APIError(400, f"this model's maximum context length is {context} tokens; the messages take "
+                           f"{size} bytes, more than {context} tokens can hold", "context_length_exceeded",
+                           "messages")
+        prompt_ids = await asyncio.to_thread(tokenizer.encode_prompt, chat.messages)
         max_tokens = chat.max_tokens or max(1, min(max_new_tokens_limit, context - len(prompt_ids)))
         if max_tokens > max_new_tokens_limit:
             raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {max_new_tokens_limit}",
@@ -284,7 +334,13 @@ def create_app(model: nn.Module, tokenizer: Tokenizer, model_name: str, api_key:
                            f"{len(prompt_ids)} and max_tokens asks for {max_tokens} more", "context_length_exceeded",
                            "messages")
         sampling = SamplingConfig(max_new_tokens=max_tokens, temperature=chat.temperature, top_p=chat.top_p)
-        ids = await asyncio.wrap_future(worker.submit(prompt_ids, sampling, chat.seed))
+        if not worker.alive:
+            raise APIError(503, "the generation worker has stopped; restart the server", error_type="server_error")
+        try:
+            ids = await asyncio.wrap_future(worker.submit(prompt_ids, sampling, chat.seed))
+        except (ValueError, OverflowError) as e:  # a request the sampler could not take: the client's input
+            raise APIError(400, f"the request could not be processed: {str(e).splitlines()[0][:200]}",
+                           "invalid_request") from None
         finish_reason = "stop" if ids and ids[-1] == tokenizer.eos_id else "length"
         usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": len(ids),
                  "total_tokens": len(prompt_ids) + len(ids)}

@@ -52,6 +52,7 @@ STAGES: dict[str, tuple[type, Callable[[Any], dict[str, Any]]]] = {
     "grpo": (grpo.GRPOConfig, grpo.run),
     "spo": (spo.SPOConfig, spo.run),
     "judge": (sft.LMConfig, sft.run),  # SFT of a generative judge (eval_kind: judge)
+    "sft-control": (sft.LMConfig, sft.run),  # continued SFT: the control every method's gain is compared with
     "rlaif": (grpo.GRPOConfig, grpo.run),  # GRPO with `reward: judge`
     "online-dpo": (online_dpo.OnlineDPOConfig, online_dpo.run),
 }

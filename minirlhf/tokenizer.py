@@ -17,6 +17,7 @@ the template (e.g. `<|im_end|>`, `<|eot_id|>`) and ends generation.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -51,6 +52,12 @@ class Tokenizer:
     @property
     def vocab_size(self) -> int:
         return self.backend.get_vocab_size()
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes one token stands for (4 per character of its longest vocabulary
+        entry), so a text of n bytes needs at least n / max_token_bytes tokens."""
+        return 4 * max((len(t) for t in self.backend.get_vocab()), default=1)
 
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
@@ -112,13 +119,22 @@ class Tokenizer:
             raise FileNotFoundError(f"{directory}: no tokenizer.json (train one with `minirlhf tokenizer`)")
         eos, pad = EOS_TOKEN, PAD_TOKEN
         config_path = directory / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        try:
+            config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{config_path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_path}: expected a JSON object")
         template = config.get("chat_template")
         if (directory / "chat_template.jinja").is_file() or (template and template != CHAT_TEMPLATE):
             return ChatTemplateTokenizer.load(directory)
         eos = _token_text(config.get("eos_token")) or eos
         pad = _token_text(config.get("pad_token")) or pad
-        return cls(HFTokenizer.from_file(str(path)), eos_token=eos, pad_token=pad)
+        try:
+            backend = HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for damaged files
+            raise ValueError(f"{path}: not a readable tokenizer ({str(e).splitlines()[0][:200]})") from None
+        return cls(backend, eos_token=eos, pad_token=pad)
 
 
 class ChatTemplateTokenizer(Tokenizer):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -93,6 +94,14 @@ DATA_FAULTS = [
      ["bad.jsonl:2:", "field 'prompt': the prompt must end with a user turn"]),
     ("prompts-wrong-answer-type", "grpo", [GOOD_PROMPT, {"prompt": "q", "answer": [5]}],
      ["bad.jsonl:2:", "field 'answer': expected a string or a number, got a list"]),
+    ("nested-100k-deep", "sft", [GOOD_SFT, "[" * 100_000 + "]" * 100_000], ["bad.jsonl:2:", "nested too deeply"]),
+    ("lone-surrogate", "sft", [GOOD_SFT, '{"conversations": [{"role": "user", "content": "\\ud800"}, '
+                                         '{"role": "assistant", "content": "5"}]}'],
+     ["bad.jsonl:2:", "field 'conversations': holds a lone surrogate"]),
+    ("rl-answer-5000-digits", "grpo", [GOOD_PROMPT, {"prompt": "q", "answer": "1" * 5000}],
+     ["bad.jsonl:2:", "field 'answer':", "not a number the answer reward can check"]),
+    ("rl-answer-not-a-number", "grpo", [GOOD_PROMPT, {"prompt": "q", "answer": "five"}],
+     ["bad.jsonl:2:", "field 'answer': 'five' is not a number"]),
 ]
 
 
@@ -185,6 +194,10 @@ CONFIG_FAULTS = [
     ("ppo-value-clip-0", "ppo", {"value_clip": 0}, ["ppo.value_clip: 0.0 must be greater than 0"]),
     ("lr-0", "sft", {"lr": 0}, ["sft.lr: 0.0 must be greater than 0"]),
     ("reward-clip-0", "grpo", {"reward_clip": 0}, ["grpo.reward_clip: 0.0 must be greater than 0"]),
+    ("lr-inf", "sft", {"lr": float("inf")}, ["sft.lr: inf is not a finite number"]),
+    ("beta-nan", "dpo", {"beta": float("nan")}, ["dpo.beta: nan is not a finite number"]),
+    ("seed-beyond-64-bits", "sft", {"seed": 2**70}, ["sft.seed: ", "does not fit in a signed 64-bit integer"]),
+    ("device-banana", "sft", {"device": "banana"}, ["device: 'banana' is not a device"]),
 ]
 
 
@@ -252,7 +265,27 @@ def _no_weights(model: Path) -> str:
 
 def _bad_config_json(model: Path) -> str:
     (model / "config.json").write_text("{not json")
-    return "invalid model config"
+    return "config.json: not valid JSON"
+
+
+def _edit_config(**changes):
+    def damage(model: Path) -> str:
+        cfg = json.loads((model / "config.json").read_text())
+        (model / "config.json").write_text(json.dumps({**cfg, **changes}))
+        key, value = next(iter(changes.items()))
+        return f"config.json: {key}: " + (f"expected int, got {value!r}" if isinstance(value, str) else
+                                          f"must be positive, got {value}")
+    return damage
+
+
+def _corrupt_tokenizer(model: Path) -> str:
+    (model / "tokenizer.json").write_text('{"model": {"vocab": ')
+    return "tokenizer.json: not a readable tokenizer"
+
+
+def _corrupt_tokenizer_config(model: Path) -> str:
+    (model / "tokenizer_config.json").write_text('{"eos_token": ')
+    return "tokenizer_config.json: not valid JSON"
 
 
 def _wrong_shape_weights(model: Path) -> str:
@@ -274,6 +307,11 @@ MODEL_FAULTS = [
     ("no-safetensors", _no_weights),
     ("corrupt-config-json", _bad_config_json),
     ("wrong-architecture-weights", _wrong_shape_weights),
+    ("config-num-heads-0", _edit_config(num_heads=0)),
+    ("config-negative-vocab", _edit_config(vocab_size=-5)),
+    ("config-max-seq-len-string", _edit_config(max_seq_len="256")),
+    ("corrupt-tokenizer-json", _corrupt_tokenizer),
+    ("corrupt-tokenizer-config-json", _corrupt_tokenizer_config),
 ]
 
 
@@ -364,3 +402,60 @@ def test_some_degenerate_pairs_are_skipped_with_a_notice(tmp_path, start_model_d
     proc = run_cli(["dpo", "--config", config], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert f"{data}: skipped 1 pairs, e.g. {data}:2: skipped: chosen equals rejected" in proc.stderr
+
+
+def test_device_cuda_without_cuda_is_an_environment_error(tmp_path, start_model_dir, task_data):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    config = stage_yaml(tmp_path, "sft", start_model_dir, task_data["sft"], device="cuda", max_len=256)
+    proc = run_cli(["sft", "--config", config], tmp_path)
+    assert proc.returncode == 3 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "device=cuda: this PyTorch build has no CUDA" in proc.stderr or "no CUDA GPU is visible" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--max-new-tokens", "-3"], "max_new_tokens must be at least 1, got -3"),
+    (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+])
+def test_generate_refuses_impossible_sampling_flags(flags, expected, tmp_path, start_model_dir):
+    line = assert_clean_failure(run_cli(["generate", "--model", start_model_dir, "--prompt", "hi", *flags], tmp_path),
+                                tmp_path / "out")
+    assert expected in line, line
+
+
+def test_out_dir_that_is_a_file(tmp_path, start_model_dir, task_data):
+    (tmp_path / "taken").write_text("not a directory")
+    config = stage_yaml(tmp_path, "sft", start_model_dir, task_data["sft"], out_dir=str(tmp_path / "taken"))
+    line = assert_clean_failure(run_cli(["sft", "--config", config], tmp_path), tmp_path / "out")
+    assert f"out_dir {tmp_path / 'taken'} is a file, not a directory" in line, line
+
+
+def test_export_hf_onto_an_existing_file(tmp_path, start_model_dir):
+    (tmp_path / "taken").write_text("not a directory")
+    line = assert_clean_failure(run_cli(["export-hf", "--model", start_model_dir, "--out", tmp_path / "taken"],
+                                        tmp_path), tmp_path / "out")
+    assert "--out" in line and "is a file, not a directory" in line, line
+
+
+def test_trainer_state_missing_keys(tmp_path, start_model_dir, task_data):
+    config = stage_yaml(tmp_path, "sft", start_model_dir, task_data["sft"], steps=2, save_every=1, max_len=256)
+    assert run_cli(["sft", "--config", config], tmp_path).returncode == 0
+    latest = tmp_path / "out" / "checkpoints" / "step_000002"
+    state = torch.load(latest / "trainer_state.pt", weights_only=True)
+    del state["optimizer"]
+    torch.save(state, latest / "trainer_state.pt")
+    shutil.rmtree(tmp_path / "out" / "final")
+    proc = run_cli(["sft", "--config", config, "resume=true"], tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "trainer_state.pt: damaged trainer state, missing ['optimizer']" in proc.stderr
+
+
+def test_yaml_alias_bomb_as_a_value_fails_fast(tmp_path):
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for prev, name in zip("abcdefgh", "bcdefghi"):
+        lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\nsft:\n  lr: *i\n")
+    proc = run_cli(["sft", "--config", tmp_path / "bomb.yaml"], tmp_path, timeout=30)
+    line = assert_clean_failure(proc, tmp_path / "out")
+    assert "sft.lr: expected float, got [[[...]" in line and len(line) < 400, line

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
+import yaml
 
 from minirlhf.algorithms.sft import LMConfig
 from minirlhf.cli import main
@@ -219,3 +223,15 @@ def test_upper_bounds_are_checked():
     with pytest.raises(ConfigError, match="dpo.label_smoothing: 0.5 must be less than 0.5"):
         build_config(DPOConfig, {"label_smoothing": 0.5}, where="dpo")
     assert build_config(DPOConfig, {"label_smoothing": 0.1}, where="dpo").label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("stage", sorted(STAGES))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), ".nan", ".inf"])
+def test_every_float_option_of_every_stage_refuses_nan_and_inf(stage, bad):
+    """NaN passes every range check (`nan < min` is false): each float option must refuse it by name."""
+    cls = STAGES[stage][0]
+    hints = typing.get_type_hints(cls)
+    floats = [f.name for f in dataclasses.fields(cls) if hints[f.name] is float]
+    for name in floats:
+        with pytest.raises(ConfigError, match=rf"{stage}\.{name}: .* is not a finite number"):
+            build_config(cls, {name: yaml.safe_load(bad) if isinstance(bad, str) else bad}, where=stage)

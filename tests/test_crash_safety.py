@@ -5,6 +5,7 @@ metrics.jsonl must equal an uninterrupted run's exactly (CPU runs are determinis
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
 from minirlhf.train import checkpoint as ckpt
@@ -161,3 +163,46 @@ def test_leftovers_of_a_killed_writer_are_tidied_on_the_next_write(tmp_path):
     assert (final / "complete").read_text() == "previous"
     names = sorted(p.name for p in final.parent.iterdir())
     assert names == sorted(["step_000004", live.name, f".tmp-step_000004-{os.getpid()}"]), names
+
+
+def sigterm_after_rows(tmp_path: Path, start_model_dir, task_data, save_every: int) -> subprocess.CompletedProcess:
+    """Start a run, send SIGTERM (how Slurm, Docker and Kubernetes stop a job) after two steps, collect it."""
+    config = write_config(tmp_path / "run.yaml", tmp_path / "out", start_model_dir, task_data["sft"])
+    config.write_text(config.read_text().replace('"save_every": 1', f'"save_every": {save_every}'))
+    proc = launch(config, tmp_path, resume=False)
+    deadline = time.monotonic() + 120
+    while n_rows(tmp_path / "out") < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_sigterm_acts_like_ctrl_c_and_says_how_to_resume(tmp_path, start_model_dir, task_data):
+    result = sigterm_after_rows(tmp_path, start_model_dir, task_data, save_every=1)
+    assert result.returncode == 143, result.stderr
+    assert "stopped by SIGTERM; the last checkpoint" in result.stderr and "resume=true" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert assert_latest_checkpoint_loads(tmp_path / "out") >= 1
+
+
+def test_sigterm_without_checkpoints_does_not_promise_one(tmp_path, start_model_dir, task_data):
+    result = sigterm_after_rows(tmp_path, start_model_dir, task_data, save_every=0)
+    assert result.returncode == 143, result.stderr
+    assert "no checkpoint was written" in result.stderr and "save_every=0" in result.stderr
+    assert "intact" not in result.stderr
+
+
+def test_a_failed_write_leaves_no_temporary_dir(tmp_path):
+    """A full disk mid-checkpoint: the error propagates, the previous checkpoint stays, no `.tmp-` dir is left."""
+    target = tmp_path / "checkpoints" / "step_000002"
+    ckpt.atomic_write_dir(target, lambda tmp: (tmp / "a").write_text("old"))
+
+    def full_disk(tmp: Path) -> None:
+        (tmp / "a").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp / "b"))
+
+    with pytest.raises(OSError, match="No space left"):
+        ckpt.atomic_write_dir(target, full_disk)
+    assert (target / "a").read_text() == "old"
+    assert [p.name for p in target.parent.iterdir()] == ["step_000002"]

@@ -54,9 +54,10 @@ def test_two_process_grpo_equals_one_process_and_its_checkpoint_resumes_in_one(t
     # A fresh scalar head on the start model is a reward model with varied scores: a real learning signal.
     common = {"model": start_model_dir, "data": task_data["rl"], "steps": 4, "prompts_per_rollout": 4,
               "group_size": 2, "max_new_tokens": 8, "lr": 1e-2, "reward": "rm:1", "reward_model": start_model_dir,
-              "save_every": 2, "scale_rewards": "batch"}
+              "save_every": 2, "scale_rewards": "batch", "loss_type": "dapo"}
     torchrun(1, "grpo", tmp_path / "one", batch_size=8, **common)
-    torchrun(2, "grpo", tmp_path / "two", batch_size=4, **common)
+    # 2 ranks x 2 micro-batches of 2 uneven rows, token-mean loss: each micro-batch weighs its share of tokens
+    torchrun(2, "grpo", tmp_path / "two", batch_size=2, grad_accum=2, **common)
     one = trajectory(tmp_path / "one", "loss", "reward", "reward_std", "grad_norm")
     assert_same(one, trajectory(tmp_path / "two", "loss", "reward", "reward_std", "grad_norm"))
     assert len({r[1] for r in one}) > 1  # rewards moved: the runs did learn, not sit at zero

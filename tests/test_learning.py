@@ -1,11 +1,15 @@
-"""Learning tests: on the embedded task, each method moves the metric it optimises the right way.
+"""Learning tests: on the embedded task, each method improves the model on held-out problems.
 
-One module-scoped fixture trains a small policy (pretrain + SFT, about a minute on two cores); each test
-then runs its method for a few steps from that checkpoint and compares against the starting point. CPU runs
-are deterministic, so the measured values (noted next to each assert) repeat; the bounds sit below them with
-room to spare, yet fail if the method did nothing or moved the wrong way. Offline methods (reward model, DPO)
-are judged on held-out preference pairs; online methods on the reward of fresh samples for the prompts they
-optimise (see the note above the GRPO test). About 8 minutes on two cores.
+The embedded world (data/task.py) has mixed-quality demonstrations: most show their working, but a bare
+guess ("The answer is N.") is the single commonest opening, so the SFT model, decoding greedily, guesses and
+is mostly wrong, while its samples hold every style. The rubric behind every reward, preference and judge
+label prefers the working. Each method must move the policy there and raise greedy accuracy on held-out
+problems it never saw, by more than three standard errors of the difference.
+
+Every stage runs with the settings of configs/rlhf.yaml (what `make demo` runs), on the demo's data and
+seeds, with a smaller held-out set and no intermediate evaluation. CPU runs are deterministic; the values
+measured on the project's 2-core machine are noted next to each assert, whose bounds leave room for other
+CPU kernels (the issue tracker saw 5-10 points of float-rounding spread between machines).
 """
 
 from __future__ import annotations
@@ -17,17 +21,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from minirlhf.config import build_config
-from minirlhf.data.task import make_splits, preference_records, rl_records
+from minirlhf.config import load_stage_config
 from minirlhf.stages import STAGES
 
-FOCUS = 16  # training problems the online methods optimise on
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rlhf.yaml"
+HELD_OUT = 300
 
 
-def run_stage(stage: str, **values) -> dict[str, float]:
+def run_stage(root: Path, stage: str, **values) -> dict[str, float]:
+    """Run `stage` with its configs/rlhf.yaml section, every runs/demo path moved under `root`."""
     cls, run = STAGES[stage]
-    defaults = {k: v for k, v in {"progress": False, "seed": 0}.items() if k in cls.__dataclass_fields__}
-    result = run(build_config(cls, {**defaults, **values}, where=stage))
+    cfg = load_stage_config(cls, CONFIG, stage, {})
+    paths = {k: str(v).replace("runs/demo", str(root)) for k, v in vars(cfg).items()
+             if isinstance(v, str) and "runs/demo" in v}
+    overrides = {**paths, **({"progress": False} if hasattr(cls, "progress") else {}),
+                 **({"eval_every": 0} if hasattr(cls, "eval_every") else {}), **values}
+    result = run(load_stage_config(cls, CONFIG, stage, overrides))
     print(f"{stage}: {result}")
     return result
 
@@ -45,128 +54,79 @@ def two_threads():
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory) -> dict[str, Path]:
-    """Generated data, a tokenizer, and a pretrained + SFT policy (the starting point of every method)."""
+def pipeline(tmp_path_factory) -> dict:
+    """The demo's data, tokenizer and pretrained + SFT policy: the starting point of every method."""
     root = tmp_path_factory.mktemp("learning")
-    run_stage("data", out_dir=str(root / "data"), n_train=4000, n_heldout=200)
-    run_stage("tokenizer", data=str(root / "data/pretrain.jsonl"), out_dir=str(root / "tok"), vocab_size=512)
-    run_stage("pretrain", mode="pretrain", tokenizer=str(root / "tok"), data=str(root / "data/pretrain.jsonl"),
-              out_dir=str(root / "pretrain"), max_len=128, steps=600, batch_size=16, lr=3e-3, warmup_steps=20,
-              weight_decay=0.1)
-    sft = run_stage("sft", mode="sft", model=str(root / "pretrain/final"), data=str(root / "data/sft.jsonl"),
-                    eval_data=str(root / "data/heldout_rl.jsonl"), eval_samples=200, out_dir=str(root / "sft"),
-                    max_len=256, steps=300, batch_size=32, lr=1e-3, warmup_steps=10)
-    train, _ = make_splits(0, 4000, 200)  # the problems the data stage wrote, in order
-    focus = root / "data" / "focus_rl.jsonl"
-    focus.write_text("".join(json.dumps(r) + "\n" for r in rl_records(train[:FOCUS])))
-    focus_pref = root / "data" / "focus_pref.jsonl"
-    focus_pref.write_text("".join(json.dumps(r) + "\n" for seed in range(1, 6)
-                                  for r in preference_records(train[:FOCUS], seed)))
-    return {"root": root, "data": root / "data", "sft": root / "sft/final", "sft_accuracy": sft["accuracy"],
-            "focus_prompts": focus, "focus_pref": focus_pref}
+    run_stage(root, "data", n_heldout=HELD_OUT)
+    run_stage(root, "tokenizer")
+    run_stage(root, "pretrain")
+    sft = run_stage(root, "sft", eval_samples=HELD_OUT)
+    return {"root": root, "sft": sft}
 
 
-def online_values(pipeline, name: str, **values) -> dict:
-    """An online run on the focus prompts, evaluated on the 200 held-out problems."""
-    d = pipeline["data"]
-    return {"model": str(pipeline["sft"]), "data": str(pipeline["focus_prompts"]),
-            "eval_data": str(d / "heldout_rl.jsonl"), "eval_samples": 200, "out_dir": str(pipeline["root"] / name),
-            "max_new_tokens": 40, "lr": 5e-5, "warmup_steps": 2, "grad_accum": 1, "steps": 30, **values}
+def gain(result: dict, start: dict) -> tuple[float, float]:
+    """(held-out greedy accuracy gain over the start, that gain in standard errors of the difference)."""
+    difference = result["accuracy"] - start["accuracy"]
+    return difference, difference / max(math.hypot(result["accuracy_se"], start["accuracy_se"]), 1e-9)
 
 
-def reward_gain(out_dir: Path, k: int = 10) -> float:
-    """Mean reward of the last k optimizer steps' rollouts minus that of the first k (fresh samples each)."""
-    rewards = [r["reward"] for r in metrics(out_dir) if "loss" in r]
-    return sum(rewards[-k:]) / k - sum(rewards[:k]) / k
+def assert_held_out_gain(result: dict, start: dict, at_least: float) -> None:
+    difference, z = gain(result, start)
+    assert difference >= at_least and z >= 3, (difference, z, result)
+    assert result["style/working"] + result["style/slip"] > 0.5, result  # it now shows its working
 
 
-def _max_kl(out_dir: Path) -> float:
-    return max(r["kl"] for r in metrics(out_dir) if "kl" in r)
+def test_sft_imitates_the_demonstrations_and_guesses_when_greedy(pipeline):
+    sft = pipeline["sft"]
+    assert sft["style/guess"] >= 0.8  # measured 1.00: "The" is the likeliest first word
+    assert sft["accuracy"] <= 0.2  # measured 0.09: room for every method to improve
 
 
-def test_sft_learns_the_task(pipeline):
-    assert 0.4 <= pipeline["sft_accuracy"] <= 0.9  # measured 0.49: real, with headroom for RL
+def test_reward_model_ranks_held_out_pairs_by_the_rubric(pipeline):
+    result = run_stage(pipeline["root"], "rm", eval_samples=HELD_OUT)
+    assert result["pref_accuracy"] >= 0.88  # measured 0.925 on 300 pairs (chance 0.5)
 
 
-def test_reward_model_ranks_held_out_pairs(pipeline):
-    d = pipeline["data"]
-    result = run_stage("rm", model=str(pipeline["sft"]), data=str(d / "pref.jsonl"),
-                       eval_data=str(d / "heldout_pref.jsonl"), eval_samples=100,
-                       out_dir=str(pipeline["root"] / "rm"), max_len=128, steps=60, batch_size=16, lr=5e-4)
-    assert result["pref_accuracy"] >= 0.6  # measured 0.66 (chance: 0.5; 100 pairs)
+def test_dpo_prefers_the_rubric_and_raises_held_out_accuracy(pipeline):
+    result = run_stage(pipeline["root"], "dpo", eval_samples=HELD_OUT)
+    assert result["pref_accuracy"] >= 0.85  # measured 0.93; policy == reference ties every pair (accuracy 0)
+    assert_held_out_gain(result, pipeline["sft"], 0.08)  # measured +0.15 (0.09 -> 0.24)
 
 
-def test_dpo_raises_held_out_preference_accuracy(pipeline):
-    d = pipeline["data"]
-    result = run_stage("dpo", model=str(pipeline["sft"]), data=str(d / "pref.jsonl"),
-                       eval_data=str(d / "heldout_pref.jsonl"), eval_samples=100,
-                       out_dir=str(pipeline["root"] / "dpo"), max_len=128, steps=60, batch_size=16, lr=2e-5,
-                       beta=0.1)
-    assert result["pref_accuracy"] >= 0.7  # measured 0.78; policy == reference ties every pair (accuracy 0)
+@pytest.mark.parametrize("stage, at_least", [
+    ("grpo", 0.12),  # measured +0.23 (0.09 -> 0.32)
+    ("ppo", 0.10),  # measured +0.18
+    ("spo", 0.12),  # measured +0.27
+    ("online-dpo", 0.08),  # measured +0.16
+])
+def test_online_method_raises_held_out_accuracy_with_bounded_kl(pipeline, stage, at_least):
+    result = run_stage(pipeline["root"], stage, eval_samples=HELD_OUT)
+    assert_held_out_gain(result, pipeline["sft"], at_least)
+    assert max(r["kl"] for r in metrics(pipeline["root"] / stage) if "kl" in r) < 0.3  # measured max <= 0.1
 
 
-
-# Online methods are judged on what they optimise: the expected reward of fresh samples on the prompts they
-# train on (16 fixed training problems, 30-40 steps at lr 5e-5), with the per-token KL to the SFT policy
-# bounded. Ten rollouts hold 320-640 samples, so the first-vs-last difference has a standard error of about
-# 0.03-0.04 and a gain of 0.06 is two of them; the measured gains are two to four times that. At this model
-# size the gain does not carry over to held-out problems (held-out greedy accuracy falls, 0.49 -> 0.35-0.42:
-# the policy narrows onto the focus prompts), so held-out accuracy is reported by the demo, not asserted.
-
-
-def test_grpo_raises_the_reward_it_optimises_with_bounded_kl(pipeline):
-    out = pipeline["root"] / "grpo"
-    run_stage("grpo", **online_values(pipeline, "grpo", group_size=8, prompts_per_rollout=8, batch_size=64,
-                                      beta=0.04))
-    assert reward_gain(out) >= 0.06  # measured 0.13 (0.40 -> 0.53)
-    assert _max_kl(out) < 0.1  # measured max 0.046
-
-
-def test_ppo_raises_the_reward_it_optimises_with_bounded_kl(pipeline):
-    out = pipeline["root"] / "ppo"
-    run_stage("ppo", **online_values(pipeline, "ppo", prompts_per_rollout=64, batch_size=64, epochs_per_rollout=2,
-                                     beta=0.05, steps=40))
-    assert reward_gain(out) >= 0.1  # measured 0.20 (0.39 -> 0.59)
-    assert _max_kl(out) < 0.15  # measured max 0.063
-
-
-def test_spo_raises_the_reward_it_optimises_with_bounded_kl(pipeline):
-    out = pipeline["root"] / "spo"
-    run_stage("spo", **online_values(pipeline, "spo", prompts_per_rollout=64, batch_size=64, beta=0.05, steps=40))
-    assert reward_gain(out) >= 0.06  # measured 0.12 (0.41 -> 0.53)
-    assert _max_kl(out) < 0.15  # measured max 0.09
+def test_judge_agrees_with_the_rubric_and_rlaif_learns_from_its_score_alone(pipeline):
+    judge = run_stage(pipeline["root"], "judge", eval_samples=HELD_OUT)
+    assert judge["agreement"] >= 0.8  # measured 0.85 (the share of held-out judged answers on the rubric's side)
+    result = run_stage(pipeline["root"], "rlaif", eval_samples=HELD_OUT)  # reward: judge:1, no answer checking
+    assert_held_out_gain(result, pipeline["sft"], 0.06)  # measured +0.09
 
 
 def test_beta_zero_loads_no_reference(pipeline):
     from minirlhf.algorithms.grpo import GRPOConfig
     from minirlhf.algorithms.online import load_online
 
-    cfg = build_config(GRPOConfig, online_values(pipeline, "unused", beta=0.0))
+    root = pipeline["root"]
+    cfg = load_stage_config(GRPOConfig, CONFIG, "grpo", {"beta": 0.0, "model": str(root / "sft/final"),
+                                                          "data": str(root / "data/rl.jsonl"), "eval_data": ""})
     assert load_online(cfg)[2] is None
 
 
 def test_online_dpo_first_step_is_exactly_log2_on_fresh_pairs(pipeline):
-    """Online DPO samples two responses per prompt, labels them (here by answer correctness), drops ties and
-    takes the DPO loss against the reference; at the first step policy == reference, so the loss is log 2."""
-    out_dir = pipeline["root"] / "online_dpo"
-    run_stage("online-dpo", **online_values(pipeline, "online_dpo", preference="reward", reward="answer:1",
-                                            data=str(pipeline["data"] / "rl.jsonl"), prompts_per_rollout=32,
-                                            batch_size=64, steps=2, beta=0.1, lr=2e-5, eval_samples=20))
-    first = metrics(out_dir)[0]
-    assert 0 < first["valid_pairs"] < 1
+    """Online DPO samples responses, labels the best and worst by the reward, drops ties and takes the DPO loss
+    against the reference; at the first step policy == reference, so the loss is log 2."""
+    run_stage(pipeline["root"], "online-dpo", out_dir=str(pipeline["root"] / "online_dpo_first"), steps=1,
+              eval_data="")
+    first = metrics(pipeline["root"] / "online_dpo_first")[0]
+    assert 0 < first["valid_pairs"] <= 1
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
-
-
-
-def test_online_dpo_raises_reward_and_held_out_preference_accuracy(pipeline):
-    """Online DPO on the focus prompts: 8 samples per prompt, the best and the worst (by answer correctness)
-    make each fresh pair. The expected reward of its samples rises, and so does its implicit-reward accuracy
-    on 80 held-out pairs for the same problems (correct vs plausible wrong solutions, never sampled or trained
-    on): from 0 (policy = reference ties every pair) to above chance."""
-    out = pipeline["root"] / "online_dpo_focus"
-    result = run_stage("online-dpo", **online_values(
-        pipeline, "online_dpo_focus", preference="reward", reward="answer:1", samples_per_prompt=8,
-        prompts_per_rollout=16, batch_size=32, steps=40, beta=0.1, eval_pref_data=str(pipeline["focus_pref"]),
-        eval_samples=80))
-    assert reward_gain(out) >= 0.06  # measured 0.12 (0.33 -> 0.45)
-    assert result["pref_accuracy"] >= 0.55  # measured 0.59 (chance 0.5; 80 pairs)

@@ -101,7 +101,8 @@ def test_build_reward_uses_factories_for_other_names():
 
 
 def test_build_reward_errors_name_the_problem():
-    with pytest.raises(ValueError, match=r"reward 'judge' is not available; choose from \['answer', 'format'\]"):
+    available = r"reward 'judge' is not available; choose from \['answer', 'format', 'working'\]"
+    with pytest.raises(ValueError, match=available):
         build_reward("answer:1,judge:0.5")
     with pytest.raises(ValueError, match="reward 'answer:abc'"):
         build_reward("answer:abc")
@@ -143,3 +144,52 @@ def test_gsm8k_gold_answers_score_one_and_off_by_one_scores_zero():
     plain = [f"The answer is {golds[i].replace(',', '')}." for i in with_commas]
     assert reward.score([questions[i] for i in with_commas], plain, [meta[i] for i in with_commas]).tolist() == \
         [1.0] * len(with_commas)
+
+
+class _FailingJudge:
+    """Stands in for a judge whose endpoint is down: every request failed and got the fallback."""
+
+    name = "judge"
+
+    def __init__(self, failed: int) -> None:
+        self.stats = {"judge/backend_errors": float(failed), "judge/parse_failures": 0.0}
+
+
+def test_a_rollout_without_one_usable_reward_is_an_error():
+    from minirlhf.algorithms.online import RewardSignalError, check_reward_signal
+    from minirlhf.rewards.base import WeightedSum
+
+    with pytest.raises(RewardSignalError, match="none of its 8 samples got a usable reward .8 judge requests failed"):
+        check_reward_signal(WeightedSum([(_FailingJudge(8), 1.0)]), 8, 0.0, 3, 0.2)
+    with pytest.raises(RewardSignalError, match="8 non-finite scores"):
+        check_reward_signal(WeightedSum([(AnswerReward(), 1.0)]), 8, 8.0, 3, 0.2)
+
+
+def test_a_rollout_with_many_unusable_rewards_warns(capsys):
+    from minirlhf.algorithms.online import check_reward_signal
+    from minirlhf.rewards.base import WeightedSum
+
+    check_reward_signal(WeightedSum([(_FailingJudge(3), 1.0)]), 8, 0.0, 5, 0.2)
+    assert "rollout 5: 38% of the samples got no usable reward (3 judge requests failed" in capsys.readouterr().err
+    check_reward_signal(WeightedSum([(_FailingJudge(1), 1.0)]), 8, 0.0, 5, 0.2)  # 12% is below the threshold
+    # with a rule reward beside it, a failed judge still leaves a usable reward: a warning, not an error
+    check_reward_signal(WeightedSum([(_FailingJudge(8), 1.0), (AnswerReward(), 1.0)]), 8, 0.0, 6, 0.2)
+    assert capsys.readouterr().err.count("warning") == 1
+
+
+@pytest.mark.parametrize("answer", ["five", "NaN", "inf", "1" * 5000, None])
+def test_rl_answers_the_reward_cannot_check_are_refused_at_load(tmp_path, answer):
+    from minirlhf.data.formats import DataError, load_prompts
+
+    path = tmp_path / "rl.jsonl"
+    path.write_text(json.dumps({"prompt": "q", "answer": "3"}) + "\n" + json.dumps({"prompt": "q", "answer": answer})
+                    + "\n")
+    with pytest.raises(DataError, match=rf"{path}:2: field 'answer': .*not a number the answer reward can check"):
+        load_prompts(path, numeric_answers=True)
+    assert len(load_prompts(path)) == 2  # without an answer-checking reward any answer text is fine
+
+
+def test_working_reward_checks_every_step():
+    texts = ["First, 7 + 5 = 12. 12 - 3 = 9. The answer is 9.", "7 + 5 = 13. The answer is 13.",
+             "The answer is 9.", "no idea"]
+    assert build_reward("working:1").score([[]] * 4, texts, [{}] * 4).tolist() == [1.0, 0.0, 0.0, 0.0]

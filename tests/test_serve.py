@@ -3,6 +3,8 @@ client: listing, completions (plain and streamed), request batching, the HTTP ju
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import threading
 import time
 from contextlib import contextmanager
@@ -163,6 +165,10 @@ def test_wrong_or_missing_key_is_401(server):
     (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}', "max_tokens"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 0}', "top_p"),
     (b'{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', "stream"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', "seed"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": -1}', "seed"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages[0].content"),
+    (b"[" * 100_000 + b"]" * 100_000, None),
 ])
 def test_malformed_requests_are_400_json(server, body, param):
     response = httpx.post(f"{server[0]}/v1/chat/completions", content=body,
@@ -195,3 +201,64 @@ def test_internal_errors_are_500_without_internals(start_model_dir, monkeypatch)
         assert "secret" not in response.text and "Traceback" not in response.text
         missing = http.get("/v1/nowhere")
         assert missing.status_code == 404 and "error" in missing.json()
+
+
+HEADERS = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+
+
+def test_a_request_that_breaks_the_worker_fails_alone(start_model_dir, monkeypatch):
+    """An exception inside the worker thread (here: the sampler, once) fails only its batch; later requests
+    are answered and /health stays 200."""
+    calls = []
+    real = serve.generate
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt("a BaseException, the kind that used to kill the thread")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(serve, "generate", flaky)
+    app = serve.create_app(load_policy(start_model_dir), Tokenizer.load(start_model_dir), "tiny", batch_wait_ms=0)
+    with TestClient(app, raise_server_exceptions=False) as http:
+        assert http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}).status_code == 500
+        assert http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}).status_code == 200
+        assert http.get("/health").json()["status"] == "ok"
+
+
+def test_bodies_over_the_limit_are_413_and_huge_prompts_are_refused_before_tokenizing(start_model_dir, monkeypatch):
+    tokenizer = Tokenizer.load(start_model_dir)
+    app = serve.create_app(load_policy(start_model_dir), tokenizer, "tiny", batch_wait_ms=0, max_body_bytes=100_000)
+    encoded = []
+    original = tokenizer.encode_prompt
+    monkeypatch.setattr(tokenizer, "encode_prompt", lambda messages: encoded.append(1) or original(messages))
+    with TestClient(app, raise_server_exceptions=False) as http:
+        big = {"messages": [{"role": "user", "content": "x" * 200_000}]}
+        response = http.post("/v1/chat/completions", json=big)
+        assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+        long = {"messages": [{"role": "user", "content": "7 + 5 = 12. " * 8000}], "max_tokens": 2}  # 96 kB
+        response = http.post("/v1/chat/completions", json=long)
+        assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+        assert not encoded  # refused by its size alone
+        assert http.post("/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}).status_code == 200
+
+
+def test_load_of_good_and_bad_requests_leaves_the_server_healthy(server):
+    """24 concurrent clients on loopback: every good request is answered, every bad one is a 4xx, and the server
+    (its worker included) is alive at the end."""
+    url = server[0]
+    bad_bodies = [b"{not json", b'{"messages": []}', b"[" * 50_000, b'{"messages": [{"role": "user", "content": '
+                  b'"\\ud800"}]}', b'{"messages": [{"role": "user", "content": "hi"}], "seed": 99999999999999'
+                  b'999999999}', b"x" * 2_000_000]
+
+    def request(i: int) -> tuple[bool, int]:
+        post = functools.partial(httpx.post, f"{url}/v1/chat/completions", headers=HEADERS, timeout=60)
+        if i % 2:
+            return False, post(content=bad_bodies[i // 2 % len(bad_bodies)]).status_code
+        return True, post(json={"messages": QUESTION, "max_tokens": 4, "temperature": 0.7, "seed": i}).status_code
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(request, range(48)))
+    assert all(status == 200 for good, status in results if good), results
+    assert all(400 <= status < 500 for good, status in results if not good), results
+    assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"

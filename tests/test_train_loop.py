@@ -15,7 +15,7 @@ from torch import nn
 
 from minirlhf.algorithms import sft
 from minirlhf.algorithms.sft import LMConfig
-from minirlhf.config import build_config
+from minirlhf.config import ConfigError, build_config
 from minirlhf.train import checkpoint as ckpt
 from minirlhf.train.loop import Algorithm, NonFiniteError, TrainConfig, lr_lambda, train
 
@@ -199,3 +199,67 @@ def test_isolated_nan_steps_are_skipped_and_training_continues(tmp_path):
     assert (tmp_path / "final" / "model.safetensors").is_file()
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < losses[0]
+
+
+@ignore_scheduler_warning
+def test_skipped_steps_are_reported_at_the_end(tmp_path, capsys):
+    train(Toy(nan_steps={1, 5}), toy_config(tmp_path, steps=8))
+    assert "2 of 8 steps were skipped" in capsys.readouterr().err
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+@ignore_scheduler_warning
+def test_a_run_whose_every_step_was_skipped_fails_without_a_final_model(tmp_path):
+    """Fewer bad steps in a row than max_bad_steps, yet no step ever trained: that is not a result."""
+    with pytest.raises(NonFiniteError, match="all 2 steps"):
+        train(Toy(nan_steps={0, 1}), toy_config(tmp_path, steps=2))
+    assert not (tmp_path / "final").exists()
+
+
+class CorruptedAfterFirstStep(Toy):
+    """Weights turn NaN after the first update (as an overflowing update would leave them)."""
+
+    def micro_batches(self, step: int):
+        if step == 1:
+            with torch.no_grad():
+                self.layer.weight.fill_(float("nan"))
+        return super().micro_batches(step)
+
+
+@ignore_scheduler_warning
+def test_non_finite_weights_are_never_written_as_final(tmp_path):
+    with pytest.raises(NonFiniteError, match="NaN or inf"):
+        train(CorruptedAfterFirstStep(nan_steps=set()), toy_config(tmp_path, steps=2))
+    assert not (tmp_path / "final").exists()
+
+
+def test_a_fresh_run_refuses_an_out_dir_with_another_runs_checkpoints(tmp_path):
+    train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, save_every=2))
+    with pytest.raises(ConfigError, match="holds the checkpoints of an earlier run"):
+        train(Toy(nan_steps=set()), toy_config(tmp_path, steps=2, save_every=1))
+    train(Toy(nan_steps=set()), toy_config(tmp_path, steps=2, save_every=1, overwrite=True))
+    assert [p.name for p in ckpt.checkpoint_dirs(tmp_path)] == ["step_000001", "step_000002"]
+
+
+def test_resume_refuses_another_stage_and_changed_options(tmp_path, capsys):
+    train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, save_every=2), name="sft")
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000004")
+    with pytest.raises(ConfigError, match="written by stage 'sft', not 'dpo'"):
+        train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, resume=True), name="dpo")
+    with pytest.raises(ConfigError, match=r"lr: 0.1 -> 0.05; weight_decay: 0.0 -> 0.1.*allow_config_change=true"):
+        train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, resume=True, lr=0.05, weight_decay=0.1), name="sft")
+    train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, resume=True, lr=0.05, allow_config_change=True),
+          name="sft")
+    assert "changed options: lr: 0.1 -> 0.05" in capsys.readouterr().err
+    rows = [r for r in read_metrics(tmp_path) if "lr" in r]
+    assert rows[2]["lr"] == pytest.approx(0.05 * lr_lambda(3, toy_config(tmp_path, steps=4)))  # the new lr
+
+
+def test_resume_drops_a_torn_metrics_line(tmp_path, capsys):
+    train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, save_every=2))
+    shutil.rmtree(tmp_path / "checkpoints" / "step_000004")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "lo')  # a crash mid-write
+    train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, resume=True))
+    assert f"{metrics}: dropped 1 unreadable line" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4]

@@ -8,7 +8,10 @@ With h = [log π(y_c|x) - log π_ref(y_c|x)] - [log π(y_r|x) - log π_ref(y_r|x
 - ipo      (h - 1/(2β))², log-probs averaged over tokens     IPO, Azar et al., 2023 (as TRL)
 - simpo    -log σ(β Δ - γ), Δ = mean-token log π(y_c) - mean-token log π(y_r), no reference
                                                              SimPO, Meng et al., 2024
-Implicit rewards β (log π - log π_ref) are logged as rewards/chosen, rewards/rejected.
+Implicit rewards β (log π - log π_ref) are logged as rewards/chosen, rewards/rejected (and their margin). Their
+scale follows the loss: summed sequence log-probs for sigmoid/robust/hinge, but per-token averages for ipo
+(β · mean-token log ratio) and simpo (β · mean-token log π), so ipo/simpo rewards are about 1/length of the
+others'; compare runs of the same loss_type only.
 
 Reference log-probs are computed once, in batched no-grad passes before training (with the initial
 policy when no separate reference is given), so no reference model is held during training; set
@@ -28,7 +31,7 @@ from ..config import field
 from ..data.batching import StepBatches
 from ..data.formats import load_prompts
 from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
-from ..eval import pair_sequence_logprobs, task_accuracy
+from ..eval import pair_sequence_logprobs, task_metrics
 from ..logprobs import sequence_logprobs
 from ..model import check_vocab, frozen_reference, load_policy
 from ..tokenizer import Tokenizer
@@ -133,6 +136,9 @@ class DPO(Algorithm):
             ref, _ = sequence_logprobs(self.reference, *batch)
         return ref.chunk(2)
 
+    def loss_weight(self, item) -> float:
+        return float(len(item[0]))  # the loss is a mean over pairs
+
     def loss(self, item):
         idx, batch = item
         logps, lengths = sequence_logprobs(self.policy, *batch)
@@ -159,8 +165,7 @@ class DPO(Algorithm):
             metrics.update(implicit_reward_accuracy(self.policy, self.eval_pairs, ref, self.cfg.beta,
                                                     self.tokenizer.pad_id, self.cfg.loss_type, self.cfg.simpo_gamma))
         if self.eval_prompts:
-            metrics["accuracy"] = task_accuracy(self.policy, self.tokenizer, self.eval_prompts,
-                                                self.cfg.max_new_tokens)
+            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens))
         return metrics
 
 def run(cfg: DPOConfig) -> dict[str, float]:

@@ -89,8 +89,10 @@ class GRPO(OnlineRL):
         loss, clipped = grpo_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
                                   cfg.clip_eps_low, cfg.clip_eps_high, kl_in_loss, cfg.beta, cfg.loss_type,
                                   cfg.max_new_tokens)
-        units = aggregate_units(terms["mask"], cfg.loss_type)
-        return loss, {**self.common_metrics(terms, clipped), "loss_weight": units}
+        return loss, self.common_metrics(terms, clipped)
+
+    def loss_weight(self, batch) -> float:
+        return aggregate_units(batch["completion_mask"][:, 1:], self.cfg.loss_type)
 
 
 def run(cfg: GRPOConfig) -> dict[str, float]:

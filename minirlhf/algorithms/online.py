@@ -22,7 +22,8 @@ import torch
 from ..config import field
 from ..data.batching import ExampleOrder
 from ..data.formats import PromptExample, load_prompts
-from ..eval import task_accuracy
+from ..errors import SetupError
+from ..eval import task_metrics
 from ..generation import SamplingConfig, generate
 from ..logprobs import completion_logprobs, masked_mean
 from ..model import check_vocab, frozen_reference, load_policy, load_scalar_model
@@ -46,14 +47,19 @@ class OnlineConfig(TrainConfig):
     answer_field: str = field("answer", "field holding the reference answer, if any")
     eval_data: str = field("", "held-out prompt JSONL with answers (greedy task accuracy)")
     eval_samples: int = field(200, "held-out prompts to evaluate", min=1)
-    reward: str = field("answer:1,format:0.1", "weighted rewards: answer, format, rm, judge (name:weight,...)")
+    reward: str = field("answer:1,format:0.1", "weighted rewards: answer, format, working, rm, judge (name:weight,...)")
     reward_model: str = field("", "reward model dir, for the `rm` reward")
     judge_model: str = field("", "judge model dir (local backend), for the `judge` reward")
     judge_url: str = field("", "OpenAI-compatible judge URL, e.g. http://127.0.0.1:8000/v1 (wins over judge_model)")
     judge_name: str = field("judge", "model name sent to the judge endpoint")
     judge_api_key_env: str = field("OPENAI_API_KEY", "environment variable holding the judge endpoint's API key")
     judge_fallback: float = field(0.0, "reward when the judge's reply is unparsable or the call fails (counted)")
+    judge_reference: bool = field(False, "quote each prompt's reference answer in the judge prompt "
+                                         "(reference-guided grading)")
     reward_clip: float = field(10.0, "rewards are clipped to [-reward_clip, reward_clip]", gt=0)
+    unusable_reward_warning: float = field(0.2, "warn when more than this share of a rollout's samples get no usable "
+                                                "reward (judge failures, non-finite scores); none usable is an error",
+                                           min=0, max=1)
     prompts_per_rollout: int = field(16, "prompts sampled per rollout", min=1)
     epochs_per_rollout: int = field(1, "passes over each rollout's experience (μ in GRPO, PPO epochs)", min=1)
     max_prompt_len: int = field(192, "longer prompts keep their last max_prompt_len tokens (counted)", min=1)
@@ -70,11 +76,38 @@ class OnlineConfig(TrainConfig):
     vllm_gpu_memory: float = field(0.3, "share of GPU memory vLLM may take for weights and KV cache", gt=0)
 
 
+class RewardSignalError(SetupError):
+    """A whole rollout without one usable reward: training on it would teach nothing (e.g. the judge is down)."""
+
+
+def check_reward_signal(reward, rows: int, nonfinite: float, rollout: int, warn_share: float) -> None:
+    """Count the samples of a rollout that got no usable reward (a non-finite score, or a judge request that
+    failed or replied unparsably and so got `judge_fallback`); warn on stderr above `warn_share` and raise
+    RewardSignalError when none is usable. Judge failures spoil the whole reward only when judges are all it has."""
+    parts = [fn for fn, _ in getattr(reward, "parts", [(reward, 1.0)])]
+    judges = [fn for fn in parts if hasattr(fn, "stats") and "judge/backend_errors" in fn.stats]
+    errors = sum(fn.stats["judge/backend_errors"] for fn in judges)
+    unparsable = sum(fn.stats["judge/parse_failures"] for fn in judges)
+    judge_failed = min(float(rows), errors + unparsable)
+    unusable = max(nonfinite, judge_failed if len(judges) == len(parts) else 0.0)
+    if rows and unusable >= rows:
+        raise RewardSignalError(f"rollout {rollout}: none of its {rows} samples got a usable reward ({errors:.0f} "
+                                f"judge requests failed, {unparsable:.0f} judge replies unparsable, {nonfinite:.0f} "
+                                "non-finite scores); check judge_url / judge_model and the reward")
+    if rows and max(nonfinite, judge_failed) / rows > warn_share:
+        print(f"warning: rollout {rollout}: {max(nonfinite, judge_failed) / rows:.0%} of the samples got no usable "
+              f"reward ({errors:.0f} judge requests failed, {unparsable:.0f} replies unparsable, {nonfinite:.0f} "
+              "non-finite scores)", file=sys.stderr)
+
+
 class OnlineRL(Algorithm):
     samples_per_prompt = 1
     rows_per_prompt: int | None = None  # rows kept for training per prompt (None: all samples; online DPO: 2)
     shuffle_rows = True  # False keeps consecutive rows together in mini-batches (online DPO's pairs)
     needs_old_logps = False  # True: old log-probs even with one update per rollout (PPO's KL penalty)
+    # Policy-gradient ratios compare the sampling distribution, so log-probs use the sampling temperature
+    # (as TRL's GRPOTrainer); a method whose loss is about the model itself (DPO) sets this to False: T = 1.
+    logprobs_at_sampling_temperature = True
 
     def __init__(self, policy, reference, tokenizer: Tokenizer, prompts: list[PromptExample], reward,
                  eval_prompts: list[PromptExample], cfg: OnlineConfig) -> None:
@@ -102,6 +135,7 @@ class OnlineRL(Algorithm):
         self.vllm = None  # started on the first rollout when generation_backend is vllm
         self.rollout_index = -1
         self.history: list[dict[str, float]] = []
+        self.rollout_stats: dict[str, float] = {}
 
     def _encode(self, example: PromptExample) -> list[int]:
         ids = self.tokenizer.encode_prompt(example.prompt)
@@ -113,8 +147,9 @@ class OnlineRL(Algorithm):
         return self.prompt_order.take(rollout * n, n)
 
     def _logprobs(self, model, exp: dict[str, torch.Tensor], with_entropy: bool = False):
+        temperature = self.cfg.temperature if self.logprobs_at_sampling_temperature else 1.0
         return completion_logprobs(model, exp["input_ids"], exp["attention_mask"], exp["completion_mask"],
-                                   self.cfg.temperature, return_entropy=with_entropy)
+                                   temperature, return_entropy=with_entropy)
 
     @torch.no_grad()
     def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
@@ -138,6 +173,7 @@ class OnlineRL(Algorithm):
         examples = [self.prompts[i] for i in rows]
         rewards = self.score(examples, texts).float().to(self.device)
         nonfinite = float((~torch.isfinite(rewards)).sum())  # NaN counts as 0, ±inf as ±reward_clip
+        check_reward_signal(self.reward, len(rows), nonfinite, rollout, self.cfg.unusable_reward_warning)
         rewards = rewards.nan_to_num(0.0).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
                "completion_mask": out.full_completion_mask, "rewards": rewards,
@@ -223,8 +259,7 @@ class OnlineRL(Algorithm):
             if values:
                 metrics[key] = sum(values) / len(values)
         if self.eval_prompts:
-            metrics["accuracy"] = task_accuracy(self.policy, self.tokenizer, self.eval_prompts,
-                                                self.cfg.max_new_tokens_eval)
+            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens_eval))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -263,10 +298,12 @@ def load_online(cfg: OnlineConfig):
         return RewardModelReward(load_scalar_model(cfg.reward_model, device).eval(), tokenizer)
 
     def judge():
-        return PointwiseJudge(judge_backend(cfg, device), fallback=cfg.judge_fallback)
+        return PointwiseJudge(judge_backend(cfg, device), fallback=cfg.judge_fallback, reference=cfg.judge_reference)
 
     reward = build_reward(cfg.reward, {"rm": reward_model, "judge": judge})
-    prompts = load_prompts(cfg.data, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field)
+    checks_answers = "answer" in [item.partition(":")[0].strip() for item in cfg.reward.split(",")]
+    prompts = load_prompts(cfg.data, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
+                           numeric_answers=checks_answers)
     eval_prompts = load_prompts(cfg.eval_data, prompt_field=cfg.prompt_field,
                                 answer_field=cfg.answer_field)[: cfg.eval_samples] if cfg.eval_data else []
     long = sum(len(tokenizer.encode_prompt(p.prompt)) > cfg.max_prompt_len for p in prompts)

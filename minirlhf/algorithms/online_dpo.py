@@ -39,6 +39,7 @@ class OnlineDPOConfig(OnlineConfig):
 class OnlineDPO(OnlineRL):
     rows_per_prompt = 2
     shuffle_rows = False
+    logprobs_at_sampling_temperature = False  # DPO's log-probs are the model's own (T = 1), as in TRL's OnlineDPO
 
     def __init__(self, *args, pairwise: PairwiseJudge | None, eval_pairs, cfg: OnlineDPOConfig) -> None:
         self.samples_per_prompt = cfg.samples_per_prompt
@@ -99,8 +100,10 @@ class OnlineDPO(OnlineRL):
         if valid.sum() > 0:
             metrics["rewards/accuracy"] = float(((r_c > r_r).float() * valid).sum() / valid.sum())
             metrics["rewards/margin"] = float(((r_c - r_r) * valid).sum() / valid.sum())
-        metrics["loss_weight"] = float(valid.sum())
         return loss, metrics
+
+    def loss_weight(self, batch) -> float:
+        return float(batch["pair_valid"].view(-1, 2)[:, 0].sum())  # the loss is a mean over usable pairs
 
     def evaluate(self) -> dict[str, float]:
         metrics = super().evaluate()

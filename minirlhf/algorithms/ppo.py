@@ -109,8 +109,10 @@ class PPO(OnlineRL):
         metrics = self.common_metrics(terms, clipped)
         metrics.update(policy_loss=float(policy_loss.detach()), value_loss=float(value_loss.detach()),
                        value_clip_ratio=float(value_clip_frac))
-        metrics["loss_weight"] = float(terms["mask"].sum())  # both terms are means over tokens
         return policy_loss + cfg.vf_coef * value_loss, metrics
+
+    def loss_weight(self, batch) -> float:
+        return float(batch["completion_mask"][:, 1:].sum())  # both terms are means over tokens
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "kl_coef": self.kl_coef, "last_seq_kl": self.last_seq_kl}

@@ -50,6 +50,9 @@ class RewardModelTraining(Algorithm):
         return [collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_id, self.device)
                 for idx in self.batches.indices(step)]
 
+    def loss_weight(self, batch) -> float:
+        return batch[0].shape[0] / 2  # the loss is a mean over pairs (chosen rows, then rejected rows)
+
     def loss(self, batch):
         ids, attention, _ = batch
         scores = self.model.score(ids, attention)

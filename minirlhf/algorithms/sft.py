@@ -16,7 +16,7 @@ import torch
 from ..config import field
 from ..data.batching import StepBatches, pack, pad_right
 from ..data.formats import DataError, load_pretrain, load_prompts, load_sft
-from ..eval import judge_agreement, task_accuracy
+from ..eval import judge_agreement, task_metrics
 from ..logprobs import gather_logprobs
 from ..model import MiniMindLM, check_vocab, load_policy, preset
 from ..tokenizer import Tokenizer
@@ -72,11 +72,14 @@ class LanguageModeling(Algorithm):
         ids, attention, loss_mask = batch
         out = self.model(ids, attention_mask=attention)
         loss = lm_loss(out.logits, ids, loss_mask)
-        metrics = {"tokens": float(loss_mask[:, 1:].sum()), "loss_weight": float(loss_mask[:, 1:].sum())}
+        metrics = {"tokens": float(loss_mask[:, 1:].sum())}
         if out.aux_loss is not None:
             metrics["aux_loss"] = float(out.aux_loss.detach())
             loss = loss + out.aux_loss
         return loss, metrics
+
+    def loss_weight(self, batch) -> float:
+        return float(batch[2][:, 1:].sum())  # lm_loss is a mean over target tokens
 
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
@@ -84,8 +87,7 @@ class LanguageModeling(Algorithm):
         if self.cfg.mode == "sft" and self.cfg.eval_kind == "judge":
             return judge_agreement(self.model, self.tokenizer, self.eval_examples)
         if self.cfg.mode == "sft":
-            return {"accuracy": task_accuracy(self.model, self.tokenizer, self.eval_examples,
-                                              self.cfg.max_new_tokens)}
+            return task_metrics(self.model, self.tokenizer, self.eval_examples, self.cfg.max_new_tokens)
         losses = [float(self.loss(self._collate(self.eval_examples[i:i + 32]))[0])
                   for i in range(0, len(self.eval_examples), 32)]
         return {"loss": sum(losses) / len(losses)}

@@ -110,7 +110,10 @@ class SPO(OnlineRL):
         terms = self.policy_terms(batch)
         loss, clipped = grpo_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
                                   cfg.clip_eps_low, cfg.clip_eps_high, terms.get("kl"), cfg.beta, "grpo")
-        return loss, {**self.common_metrics(terms, clipped), "loss_weight": aggregate_units(terms["mask"], "grpo")}
+        return loss, self.common_metrics(terms, clipped)
+
+    def loss_weight(self, batch) -> float:
+        return aggregate_units(batch["completion_mask"][:, 1:], "grpo")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "tracker": self.tracker.state_dict()}

@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .task import MAX_ANSWER_CHARS, reference_number
+
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 ROLES = ("system", "user", "assistant")
 _Where = tuple[Path, int]  # (file, line) of the record being validated
@@ -118,14 +120,29 @@ def _read_file(file: Path) -> Iterator[tuple[Path, int, dict]]:
                     obj = json.loads(text.rstrip())
                 except json.JSONDecodeError as e:
                     raise DataError(file, lineno, None, f"invalid JSON: {e.msg} (column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(file, lineno, None, "invalid JSON: nested too deeply") from None
                 if not isinstance(obj, dict):
                     raise DataError(file, lineno, None, f"expected a JSON object, got {_type_name(obj)}")
+                if "\\ud" in text.lower():  # a \uXXXX escape may encode half a surrogate pair: not text
+                    _check_unicode(obj, file, lineno)
                 n_records += 1
                 yield file, lineno, obj
     except (OSError, EOFError, zlib.error) as e:
         raise DataError(file, None, None, f"cannot read: {e}") from None
     if n_records == 0:
         raise DataError(file, None, None, "no records (the file is empty)")
+
+
+def _check_unicode(record: dict, file: Path, lineno: int) -> None:
+    """Refuse a record whose strings hold a lone surrogate (e.g. "\\ud800"): valid JSON, but not Unicode text
+    that a tokenizer can encode."""
+    for key, value in record.items():
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError(file, lineno, key, "holds a lone surrogate escape (such as \\ud800), which is not "
+                                               "valid Unicode text") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -319,10 +336,11 @@ def _parse_hh(chosen: str, rejected: str, where: _Where) -> tuple[list[Message],
 
 
 def load_prompts(
-    path: str | os.PathLike, prompt_field: str = "prompt", answer_field: str = "answer"
+    path: str | os.PathLike, prompt_field: str = "prompt", answer_field: str = "answer", numeric_answers: bool = False
 ) -> list[PromptExample]:
     """Records `{prompt_field: str | messages, answer_field?: str | number}` -> prompts for RL / eval.
-    Numeric answers become strings; GSM8K-style answers ("... #### 18") are kept raw."""
+    Numeric answers become strings; GSM8K-style answers ("... #### 18") are kept raw. With `numeric_answers`
+    (an answer-checking reward), every record needs an answer the checker can read as a number."""
     out = []
     for file, line, rec in read_jsonl(path):
         where = (file, line)
@@ -338,5 +356,9 @@ def load_prompts(
             answer = str(answer)
         if answer is not None and not answer.strip():
             raise DataError(*where, answer_field, "empty string")
+        if numeric_answers and (answer is None or reference_number(answer) is None):
+            shown = "missing" if answer is None else f"{answer[:40]!r}{'...' if len(answer) > 40 else ''}"
+            raise DataError(*where, answer_field, f"{shown} is not a number the answer reward can check (e.g. 42, "
+                                                  f"3.5 or '... #### 42', at most {MAX_ANSWER_CHARS} characters)")
         out.append(PromptExample(prompt, answer))
     return out

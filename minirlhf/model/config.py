@@ -30,6 +30,20 @@ class ModelConfig:
     aux_loss_coef: float = 0.01  # weight of the Switch-style load-balancing loss
 
     def __post_init__(self) -> None:
+        for f in fields(self):  # a hand-edited config.json: wrong types ("256") and impossible sizes (0, -1)
+            value, kind = getattr(self, f.name), _KINDS[f.name]
+            if value is None and f.name == "intermediate_size":
+                continue
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+                setattr(self, f.name, value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise ValueError(f"{f.name}: expected {kind.__name__}, got {value!r}")
+            if kind in (int, float) and not (value > 0 if f.name != "aux_loss_coef" else value >= 0):
+                raise ValueError(f"{f.name}: must be {'>= 0' if f.name == 'aux_loss_coef' else 'positive'}, "
+                                 f"got {value!r}")
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})")
         if self.intermediate_size is None:
             self.intermediate_size = 64 * ((int(self.hidden_size * 8 / 3) + 63) // 64)
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
@@ -47,13 +61,26 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        raw = json.loads(Path(path).read_text())
+        try:
+            raw = json.loads(Path(path).read_text())
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{path}: not valid JSON ({str(e).splitlines()[0][:200]})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a JSON object of model options")
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"{path}: unknown model config keys {sorted(unknown)}")
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
+
+_KINDS = {"vocab_size": int, "hidden_size": int, "num_layers": int, "num_heads": int, "num_kv_heads": int,
+          "intermediate_size": int, "max_seq_len": int, "rope_theta": float, "rms_norm_eps": float,
+          "tie_embeddings": bool, "use_moe": bool, "num_experts": int, "experts_per_token": int,
+          "aux_loss_coef": float}
 
 PRESETS: dict[str, dict] = {
     # ~1.7M parameters: unit tests and the CPU demo.

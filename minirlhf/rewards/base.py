@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..data.formats import Message
-from ..data.task import is_correct
+from ..data.task import equations_hold, is_correct
 from ..generation import left_pad
 from ..tokenizer import Tokenizer
 
@@ -44,6 +44,16 @@ class FormatReward:
 
     def score(self, prompts, completions, meta) -> torch.Tensor:
         return torch.tensor([float(bool(_FORMAT.search(c.strip()))) for c in completions])
+
+
+class WorkingReward:
+    """1 if the completion shows its working ("a op b = c." steps) and every step is right, else 0: the
+    rubric's "shows its working" as a rule (it checks the arithmetic, not the final answer)."""
+
+    name = "working"
+
+    def score(self, prompts, completions, meta) -> torch.Tensor:
+        return torch.tensor([float(equations_hold(c) is True) for c in completions])
 
 
 class RewardModelReward:
@@ -85,10 +95,10 @@ class WeightedSum:
 
 
 def build_reward(spec: str, factories: dict[str, Callable[[], RewardFunction]] | None = None) -> WeightedSum:
-    """'answer:1,format:0.2' -> WeightedSum. `answer` and `format` are built in; other names (rm, judge) come
+    """'answer:1,format:0.2' -> WeightedSum. `answer`, `format` and `working` are built in; other names (rm, judge) come
     from `factories`, so the caller decides how to load models."""
     known: dict[str, Callable[[], RewardFunction]] = {"answer": AnswerReward, "format": FormatReward,
-                                                      **(factories or {})}
+                                                      "working": WorkingReward, **(factories or {})}
     parts = []
     for item in spec.split(","):
         name, _, weight = item.strip().partition(":")

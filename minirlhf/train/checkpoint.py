@@ -16,14 +16,26 @@ from typing import Any
 
 import torch
 
+from ..config import ConfigError
 from ..errors import blocked_pickle_reason
 
 STATE_FILE = "trainer_state.pt"
 _PREFIX = "step_"
 
 
+def check_writable_dir(path: Path, what: str) -> None:
+    """Refuse (ConfigError) a `path` that is a file, or a directory (or its nearest existing parent) that this
+    process cannot write to: found before any work is done, not when the first checkpoint is due."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path} is a file, not a directory; choose a directory path")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {existing} is not writable")
+
+
 def atomic_write_dir(final: Path, write: Any) -> None:
-    """Call `write(tmp_dir)` then move tmp_dir to `final` (replacing an existing one)."""
+    """Call `write(tmp_dir)` then move tmp_dir to `final` (replacing an existing one). If anything fails (a full
+    disk, an interrupt), the temporary directory is removed and `final` is left as it was."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(final)
@@ -31,8 +43,12 @@ def atomic_write_dir(final: Path, write: Any) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
-    _fsync_tree(tmp)
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
         os.replace(final, old)

@@ -5,8 +5,9 @@ and the loop wraps each trainable module in DistributedDataParallel. The split o
 
 * `batch_size` is per process; a micro-batch of the global batch (batch_size x world) is a contiguous
   block of the same seeded example stream a single process would read, and rank r takes the r-th slice.
-* A loss that is a mean over units (tokens, sequences) reports `loss_weight` (its unit count); the loop
-  rescales it so the gradient DDP averages is the mean over the global micro-batch, not a mean of means.
+* A loss that is a mean over units (tokens, sequences) says how many (`Algorithm.loss_weight`); the loop
+  scales each micro-batch by its share of the units of the whole step on all ranks, so the gradient DDP
+  averages is that of the global batch's mean, not a mean of means.
 * Online RL: each rank samples and scores its slice of the rollout (whole GRPO groups), then the rollout
   is gathered so advantages, whitening and value trackers see the global batch and every rank holds the
   same buffer (rank 0 checkpoints it, so a run resumes under any world size).
@@ -63,14 +64,14 @@ def shard(items: list, what: str = "items") -> list:
     return items[rank() * size:(rank() + 1) * size]
 
 
-def rank_weighted(loss: torch.Tensor, weight: float) -> torch.Tensor:
-    """`loss` is a mean over `weight` units on this rank; return it rescaled so the average over ranks (what
-    DDP does to gradients) is the mean over all ranks' units."""
+def all_sum(value: float) -> float:
+    """The sum of `value` over ranks (float64, so integer counts stay exact)."""
     if world_size() == 1:
-        return loss
-    total = torch.tensor([float(weight)], dtype=torch.float64, device=loss.device)
+        return value
+    total = torch.tensor([float(value)], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(total)
-    return loss * (weight * world_size() / max(float(total), 1e-12))
+    return float(total)
 
 
 def average_metrics(metrics: dict[str, float]) -> dict[str, float]:

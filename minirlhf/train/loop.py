@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -27,7 +28,8 @@ from safetensors.torch import load_model
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import field
+from ..config import ConfigError, field
+from ..errors import SetupError
 from ..model.lora import LoRAConfig, save_final
 from . import checkpoint as ckpt
 from . import distributed
@@ -54,6 +56,9 @@ class TrainConfig:
     save_every: int = field(0, "checkpoint every N steps (0 = only the final model)", min=0)
     keep_checkpoints: int = field(2, "how many step checkpoints to keep", min=1)
     resume: bool = field(False, "continue from the latest checkpoint in out_dir")
+    allow_config_change: bool = field(False, "let `resume` continue a run whose options changed (listed on stderr); "
+                                             "a changed lr then takes effect")
+    overwrite: bool = field(False, "start afresh in an out_dir that holds another run's checkpoints (deleting them)")
     max_bad_steps: int = field(5, "abort after this many non-finite steps in a row", min=1)
     report_to: str = field("none", "none | tensorboard | wandb (when installed)")
     lora: LoRAConfig = field(LoRAConfig(), "LoRA adapters (peft) on the trained policy; lora.r=0 trains all weights")
@@ -76,6 +81,12 @@ class Algorithm:
     def loss(self, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
         """(loss to minimise, metrics) for one micro-batch."""
         raise NotImplementedError
+
+    def loss_weight(self, batch: Any) -> float:
+        """How many units (tokens, sequences, pairs) `loss(batch)` is a mean over. The loop weights micro-batch i
+        of a step by w_i / sum_j w_j over all micro-batches and ranks, so the accumulated gradient is the
+        gradient of the whole batch's mean. Computed before any forward pass, from the batch alone."""
+        return 1.0
 
     def evaluate(self) -> dict[str, float]:
         return {}
@@ -108,7 +119,18 @@ def resolve_device(name: str) -> torch.device:
     """The device to train on; under torchrun this also joins the process group (cuda:LOCAL_RANK on GPU)."""
     if name == "auto":
         return distributed.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    return distributed.setup(torch.device(name))
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = "this PyTorch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise SetupError(f"device={name}: {why} (torch {torch.__version__}); use device=auto or device=cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SetupError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SetupError(f"device={name}: MPS is not available on this machine; use device=auto or device=cpu")
+    return distributed.setup(device)
 
 
 def seed_everything(seed: int) -> None:
@@ -136,8 +158,15 @@ class MetricsLog:
         if resume_step is None:
             self.path.write_text("")
         elif self.path.exists():  # drop rows written after the checkpoint we resume from
-            rows = [line for line in self.path.read_text().splitlines() if line.strip()]
-            kept = [r for r in rows if json.loads(r).get("step", 0) <= resume_step]
+            rows, torn = [], 0
+            for line in self.path.read_text().splitlines():
+                try:
+                    rows.append((line, json.loads(line))) if line.strip() else None
+                except ValueError:  # a line cut short by a crash mid-write
+                    torn += 1
+            if torn:
+                print(f"{self.path}: dropped {torn} unreadable line(s) (a crash cut them short)", file=sys.stderr)
+            kept = [line for line, row in rows if row.get("step", 0) <= resume_step]
             self.path.write_text("".join(r + "\n" for r in kept))
         self.writer = self.wandb = None
         if report_to == "tensorboard":
@@ -165,9 +194,69 @@ class MetricsLog:
             self.wandb.log(metrics, step=step)
 
 
+STATE_KEYS = {"step", "bad_steps", "optimizer", "scheduler", "rng_torch", "rng_python", "algorithm"}
+# Options that do not change what a run computes: a resumed run may change them freely.
+RESUME_SAFE_OPTIONS = {"steps", "epochs", "resume", "allow_config_change", "overwrite", "progress", "report_to",
+                       "eval_every", "save_every", "keep_checkpoints", "device", "max_bad_steps", "eval_data",
+                       "eval_samples", "eval_prompts", "eval_pref_data", "max_new_tokens_eval", "out_dir",
+                       "batch_size", "grad_accum", "parallel", "gradient_checkpointing", "vllm_gpu_memory"}
+
+
+def run_identity(name: str, cfg: TrainConfig) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it: the stage and every option that changes what the
+    run computes. batch_size and grad_accum enter as the global batch, which may be split anew on resume (e.g.
+    under another number of processes)."""
+    options = {k: v for k, v in asdict(cfg).items() if k not in RESUME_SAFE_OPTIONS}
+    options["global_batch"] = cfg.batch_size * cfg.grad_accum * distributed.world_size()
+    return {"stage": name, "options": options}
+
+
+def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], checkpoint: Path, allow_change: bool) -> None:
+    """Refuse (ConfigError) to resume another stage's checkpoint, or one whose options changed unless allowed."""
+    if saved is None:  # written before checkpoints recorded their run
+        return
+    if saved["stage"] != current["stage"]:
+        raise ConfigError(f"{checkpoint} was written by stage {saved['stage']!r}, not {current['stage']!r}; "
+                          "resume it with that stage, or choose another out_dir")
+    old, new = saved["options"], current["options"]
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+               for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if changed and not allow_change:
+        raise ConfigError(f"{checkpoint} belongs to a run with other options ({'; '.join(changed)}); "
+                          "restore them, or pass allow_config_change=true to continue with the new ones")
+    if changed:
+        print(f"resuming {checkpoint} with changed options: {'; '.join(changed)}", file=sys.stderr)
+
+
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for r in rows for k in r}
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
+
+
+def accumulate_gradients(algo: Algorithm, batches: list[Any], ddp_modules: list[nn.Module] = (),
+                         bf16: bool = False, device_type: str = "cpu") -> dict[str, float]:
+    """Backpropagate one optimizer step's micro-batches so the summed gradient is that of the whole step's loss.
+
+    Each micro-batch's loss is a mean over w_i units (`algo.loss_weight`); the whole batch's loss is
+    sum_i w_i L_i / W with W = sum of w over every micro-batch of every rank. DDP averages gradients over the
+    world, so micro-batch i is scaled by world * w_i / W. Returns the metrics averaged over micro-batches and
+    ranks, with `loss` the whole-batch loss."""
+    weights = [float(algo.loss_weight(b)) for b in batches]
+    total = distributed.all_sum(sum(weights))
+    scales = [w * distributed.world_size() / total if total > 0 else 0.0 for w in weights]
+    rows, step_loss = [], 0.0
+    for i, (batch, scale) in enumerate(zip(batches, scales)):
+        with ExitStack() as stack:
+            if i + 1 < len(batches):  # all-reduce gradients once, after the last micro-batch
+                for m in ddp_modules:
+                    stack.enter_context(m.no_sync())
+            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+                loss, metrics = algo.loss(batch)
+            (loss * scale).backward()
+        step_loss += float(loss.detach()) * scale
+        rows.append(metrics)
+    metrics = distributed.average_metrics({**_mean_metrics(rows), "loss": step_loss})
+    return metrics
 
 
 def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, float]:
@@ -177,17 +266,32 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         per_step = cfg.batch_size * cfg.grad_accum * world
         cfg = replace(cfg, steps=max(1, math.ceil(cfg.epochs * algo.num_examples / per_step)))
     out_dir = Path(cfg.out_dir)
+    ckpt.check_writable_dir(out_dir, "out_dir")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = next(next(iter(algo.modules.values())).parameters()).device
     device_type = device.type
     fsdp = cfg.parallel == "fsdp" and world > 1
 
-    start, bad_steps, state = 0, 0, None
-    latest = ckpt.checkpoint_dirs(out_dir)[-1:] if cfg.resume else []
+    start, bad_steps, skipped, state = 0, 0, 0, None
+    identity = run_identity(name, cfg)
+    existing = ckpt.checkpoint_dirs(out_dir)
+    if existing and not cfg.resume:
+        if not cfg.overwrite:
+            raise ConfigError(f"{out_dir} holds the checkpoints of an earlier run (latest {existing[-1].name}); pass "
+                              "resume=true to continue it, overwrite=true to replace it, or choose another out_dir")
+        if main:
+            shutil.rmtree(out_dir / "checkpoints")
+        distributed.barrier()
+    latest = existing[-1:] if cfg.resume else []
     if cfg.resume and not latest:
         print(f"{name}: no checkpoint in {out_dir}/checkpoints; starting from scratch", file=sys.stderr)
     if latest:  # weights go into the bare modules, before they are wrapped or sharded
         state = ckpt.load_state(latest[0])
+        missing = sorted(STATE_KEYS - set(state)) if isinstance(state, dict) else sorted(STATE_KEYS)
+        if missing:
+            raise ValueError(f"{latest[0] / ckpt.STATE_FILE}: damaged trainer state, missing {missing}; delete "
+                             f"{latest[0]} to resume from the checkpoint before it")
+        check_resume(state.get("run"), identity, latest[0], cfg.allow_config_change)
         for module_name, module in algo.modules.items():
             _load_weights(module, latest[0] / module_name)
     for module_name, module in list(algo.modules.items()):
@@ -208,10 +312,14 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     if state is not None:
         distributed.load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if cfg.allow_config_change:  # the options given now win over the saved ones: a new lr takes effect
+            scheduler.base_lrs = [g["lr"] for g in groups if g["params"]]
+            for group, base in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["initial_lr"], group["lr"] = base, base * lr_lambda(scheduler.last_epoch, cfg)
         torch.set_rng_state(state["rng_torch"])
         random.setstate(state["rng_python"])
         algo.load_state_dict(state["algorithm"])
-        start, bad_steps = state["step"], state["bad_steps"]
+        start, bad_steps, skipped = state["step"], state["bad_steps"], state.get("skipped_steps", 0)
         print(f"{name}: resumed from {latest[0]} at step {start}", file=sys.stderr)
     log = MetricsLog(out_dir, cfg.report_to, start if latest else None, asdict(cfg)) if main else None
 
@@ -222,7 +330,8 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
             for module_name in algo.modules:
                 algo.save(module_name, tmp / module_name)
             ckpt.save_state(tmp, {
-                "step": step, "bad_steps": bad_steps, "optimizer": optimizer_state,
+                "run": identity, "step": step, "bad_steps": bad_steps, "skipped_steps": skipped,
+                "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "rng_torch": torch.get_rng_state(),
                 "rng_python": random.getstate(), "algorithm": algo.state_dict(),
             })
@@ -238,27 +347,15 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
     eval_metrics: dict[str, float] = {}
     for step in bar:
-        for m in algo.modules.values():
-            m.train()
         batches = algo.micro_batches(step)
-        rows = []
+        for m in algo.modules.values():  # after micro_batches: a rollout leaves the policy in eval mode
+            m.train()
         optimizer.zero_grad(set_to_none=True)
-        for i, batch in enumerate(batches):
-            with ExitStack() as stack:
-                if i + 1 < len(batches):  # all-reduce gradients once, after the last micro-batch
-                    for m in ddp_modules:
-                        stack.enter_context(m.no_sync())
-                with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    loss, metrics = algo.loss(batch)
-                if "loss_weight" in metrics:
-                    loss = distributed.rank_weighted(loss, metrics.pop("loss_weight"))
-                (loss / len(batches)).backward()
-            rows.append({"loss": float(loss.detach()), **metrics})
+        metrics = accumulate_gradients(algo, batches, ddp_modules, cfg.bf16, device_type)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e30)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
-        metrics = distributed.average_metrics(_mean_metrics(rows))
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
-            bad_steps += 1
+            bad_steps, skipped = bad_steps + 1, skipped + 1
             optimizer.zero_grad(set_to_none=True)
             if log:
                 log.log(step + 1, {"skipped_nonfinite": 1.0, "bad_steps": float(bad_steps)})
@@ -285,6 +382,12 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         if cfg.save_every and done % cfg.save_every == 0:
             save_checkpoint(done)
     bar.close()
+    if skipped:
+        if skipped >= cfg.steps:
+            raise NonFiniteError(f"{name}: all {skipped} steps had a non-finite loss or gradient and were skipped, so "
+                                 "the model never changed; no final model written. Try a lower lr.")
+        print(f"{name}: {skipped} of {cfg.steps} steps were skipped (non-finite loss or gradient); see "
+              f"`skipped_nonfinite` in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
     if log or fsdp:  # rank 0 evaluates and writes the result while the others wait (FSDP: all evaluate)
         eval_metrics = _evaluate(algo)
     if log:
@@ -292,6 +395,9 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     with distributed.full_modules(algo):
         if main:
             first = next(iter(algo.modules))
+            if not all(torch.isfinite(p).all() for p in algo.modules[first].parameters()):
+                raise NonFiniteError(f"{name}: the trained weights hold NaN or inf; no final model written. "
+                                     f"The last good checkpoint (if any) is in {out_dir / 'checkpoints'}.")
             ckpt.atomic_write_dir(out_dir / "final", lambda tmp: algo.save(first, tmp, final=True))
     distributed.barrier()
     return eval_metrics
