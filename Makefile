@@ -20,9 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/minirlhf demo --config configs/rlhf.yaml
 
+# Two workers, one test file each at a time: the learning tests (one module-scoped pipeline) run beside the rest.
 test: $(STAMP)
 	$(VENV)/bin/ruff check minirlhf tests bench
-	$(PY) -m pytest tests
+	$(PY) -m pytest -n 2 --dist loadfile tests
 
 bench: $(STAMP)
 	$(PY) bench/generate.py

@@ -90,7 +90,7 @@ def reward_model_accuracy(reward_model: nn.Module, pairs, pad_id: int, batch_siz
 
 
 def judge_agreement(judge: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Message]],
-                    threshold: int = JUDGE_THRESHOLD, max_new_tokens: int = 32) -> dict[str, float]:
+                    threshold: int = JUDGE_THRESHOLD, max_new_tokens: int = 8) -> dict[str, float]:
     """How often a generative judge's "Score: N" falls on the same side of `threshold` as the reference
     reply (the conversation's last, assistant, turn); unparsable replies count as disagreement."""
     from .rewards.judge import parse_score

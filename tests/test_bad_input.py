@@ -5,6 +5,8 @@ checkpoints). docs/reliability.md lists each case with the message it produces."
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minirlhf.cli import main
 from minirlhf.model import MiniMindLM, preset
 
 CLI = [sys.executable, "-m", "minirlhf.cli"]
@@ -23,10 +26,34 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+def run_cli(args: list, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the CLI's `main` (what `python -m minirlhf.cli` runs) in this process, in `cwd`, capturing its exit
+    status, stdout and stderr. In-process saves a Python + torch start-up per case; `test_the_real_entry_point`
+    and the crash-safety tests run it as a real process."""
+    out, err, previous = io.StringIO(), io.StringIO(), os.getcwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                status = main([str(a) for a in args])
+            except SystemExit as e:  # argparse's own errors
+                status = e.code
+    finally:
+        os.chdir(previous)
+    return subprocess.CompletedProcess(args, status, out.getvalue(), err.getvalue())
+
+
+def test_the_real_entry_point(tmp_path):
+    """`python -m minirlhf.cli` in a fresh process: the same one-line error and exit status as in-process."""
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(REPO), ENV.get("PYTHONPATH", "")])}
-    return subprocess.run([*CLI, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run([*CLI, "sft", "data=missing.jsonl", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert assert_clean_failure(proc, tmp_path / "out") == run_cli_line(tmp_path)
+
+
+def run_cli_line(tmp_path: Path) -> str:
+    return assert_clean_failure(run_cli(["sft", "data=missing.jsonl", f"out_dir={tmp_path / 'out'}"], tmp_path),
+                                tmp_path / "out")
 
 
 def assert_clean_failure(proc: subprocess.CompletedProcess, out_dir: Path) -> str:
@@ -456,6 +483,6 @@ def test_yaml_alias_bomb_as_a_value_fails_fast(tmp_path):
     for prev, name in zip("abcdefgh", "bcdefghi"):
         lines.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
     (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\nsft:\n  lr: *i\n")
-    proc = run_cli(["sft", "--config", tmp_path / "bomb.yaml"], tmp_path, timeout=30)
+    proc = run_cli(["sft", "--config", tmp_path / "bomb.yaml"], tmp_path)
     line = assert_clean_failure(proc, tmp_path / "out")
     assert "sft.lr: expected float, got [[[...]" in line and len(line) < 400, line

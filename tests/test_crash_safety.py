@@ -162,7 +162,7 @@ def test_leftovers_of_a_killed_writer_are_tidied_on_the_next_write(tmp_path):
         pass
     assert (final / "complete").read_text() == "previous"
     names = sorted(p.name for p in final.parent.iterdir())
-    assert names == sorted(["step_000004", live.name, f".tmp-step_000004-{os.getpid()}"]), names
+    assert names == sorted(["step_000004", live.name]), names  # the failed write removed its own .tmp- dir
 
 
 def sigterm_after_rows(tmp_path: Path, start_model_dir, task_data, save_every: int) -> subprocess.CompletedProcess:
@@ -206,3 +206,17 @@ def test_a_failed_write_leaves_no_temporary_dir(tmp_path):
         ckpt.atomic_write_dir(target, full_disk)
     assert (target / "a").read_text() == "old"
     assert [p.name for p in target.parent.iterdir()] == ["step_000002"]
+
+
+def test_a_write_that_fails_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch.save reports a full disk as its own RuntimeError; the user reads that the disk is full."""
+    from minirlhf.errors import SetupError
+
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1024})())
+
+    def torch_style_failure(tmp: Path) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 64 vs 0")
+
+    with pytest.raises(SetupError, match="cannot write, the disk is full"):
+        ckpt.atomic_write_dir(tmp_path / "checkpoints" / "step_000001", torch_style_failure)
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "checkpoints").iterdir())

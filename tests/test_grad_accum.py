@@ -40,6 +40,15 @@ def rollout(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "old_logps": -torch.rand(ROWS, WIDTH - 1, generator=g) * completion[:, 1:]}
 
 
+def with_advantages(algo, rewards: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The test rollout (optionally with other rewards) after the method's own advantage step."""
+    exp = rollout(algo.policy.config.vocab_size)
+    if rewards is not None:
+        exp["rewards"] = rewards
+    algo.advantages(exp)
+    return exp
+
+
 def gradients(algo, policy, batches) -> torch.Tensor:
     policy.zero_grad(set_to_none=True)
     accumulate_gradients(algo, batches)
@@ -71,27 +80,21 @@ def test_grpo_accumulated_gradient_equals_the_whole_batch_gradient(options, make
     cfg = GRPOConfig(group_size=4, prompts_per_rollout=2, batch_size=ROWS, beta=0.1, max_new_tokens=WIDTH,
                      **options)
     algo = GRPO(policy, None, tokenizer, PROMPTS, None, [], cfg=cfg)
-    exp = rollout(policy.config.vocab_size)
-    algo.advantages(exp)
-    assert_accumulation_exact(algo, policy, exp)
+    assert_accumulation_exact(algo, policy, with_advantages(algo))
 
 
 def test_spo_accumulated_gradient_equals_the_whole_batch_gradient(make_model, tokenizer):
     policy = make_model().train()
     cfg = SPOConfig(prompts_per_rollout=8, batch_size=ROWS, beta=0.1, tracker="global")
     algo = SPO(policy, None, tokenizer, PROMPTS, None, [], cfg=cfg)
-    exp = rollout(policy.config.vocab_size)
-    algo.advantages(exp)
-    assert_accumulation_exact(algo, policy, exp)
+    assert_accumulation_exact(algo, policy, with_advantages(algo))
 
 
 def test_online_dpo_accumulated_gradient_weights_usable_pairs(make_model, tokenizer):
     policy = make_model().train()
     cfg = OnlineDPOConfig(prompts_per_rollout=4, batch_size=ROWS, beta=0.1, preference="reward")
     algo = OnlineDPO(policy, None, tokenizer, PROMPTS, None, [], pairwise=None, eval_pairs=[], cfg=cfg)
-    exp = rollout(policy.config.vocab_size)
-    exp["rewards"] = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 1.0, 1.0, 0.0])  # the second pair is a tie
-    algo.advantages(exp)
+    exp = with_advantages(algo, torch.tensor([1.0, 0.0, 0.5, 0.5, 0.0, 1.0, 1.0, 0.0]))  # the second pair ties
     assert_accumulation_exact(algo, policy, exp, sizes=(2, 4))  # pairs stay together
 
 
@@ -110,8 +113,7 @@ def test_the_logged_loss_is_the_whole_batch_loss(make_model, tokenizer):
     policy = make_model().train()
     cfg = GRPOConfig(group_size=4, prompts_per_rollout=2, batch_size=ROWS, loss_type="dapo", max_new_tokens=WIDTH)
     algo = GRPO(policy, None, tokenizer, PROMPTS, None, [], cfg=cfg)
-    exp = rollout(policy.config.vocab_size)
-    algo.advantages(exp)
+    exp = with_advantages(algo)
     whole = accumulate_gradients(algo, [exp])["loss"]
     assert accumulate_gradients(algo, split(exp, 2))["loss"] == pytest.approx(whole, abs=1e-6)
 

@@ -120,7 +120,9 @@ def stage_values(stage: str, hf_dir, task_data, out_dir, lora: int) -> dict:
         "ppo": online,
         "spo": online,
         "online-dpo": {"judge_model": str(hf_dir), **online},
-        "rlaif": {"group_size": 2, "reward": "judge:1", "judge_model": str(hf_dir), **online},
+        # a random judge never answers "Score: N"; with judges alone that rollout would be an error (no usable
+        # reward), so the rule reward rides along
+        "rlaif": {"group_size": 2, "reward": "judge:1,answer:1", "judge_model": str(hf_dir), **online},
     }[stage]}
 
 

@@ -196,8 +196,7 @@ GUESS_RIGHT = 0.8  # share of the demonstrators' bare guesses that are right
 # What the preference pairs reject (the chosen response is always the correct worked solution).
 REJECTED_STYLE_SHARES = {"guess": 0.55, "ramble": 0.30, "slip": 0.15}
 # What the judge is taught to rate: a spread over every row of the rubric.
-# Slips are the hard case (the judge must compare the final answer with the reference), so there are many.
-JUDGED_STYLE_SHARES = {"working": 0.35, "guess": 0.30, "slip": 0.25, "ramble": 0.10}
+JUDGED_STYLE_SHARES = {"working": 0.40, "guess": 0.30, "slip": 0.15, "ramble": 0.15}
 
 
 def equations_hold(text: str) -> bool | None:
@@ -353,20 +352,10 @@ def judge_prompt(question: str, response: str, reference: str | None = None) -> 
             f"Question: {question}\n<response>{quote_data(response)}</response>{ref}")
 
 
-def judge_reply(response: str, answer: str | int) -> str:
-    """What the judge is taught to reply. With a reference answer it first quotes the response's final answer
-    and the reference side by side, then scores ("Final answer: 24. Reference: 24. Score: 9"): a judge that
-    states what it compares before its verdict (as LLM judges explain before they rate) turns the hard part,
-    matching two numbers far apart in its prompt, into copying each and comparing neighbours."""
-    stated = extract_answer(response)
-    return f"Final answer: {stated if stated is not None else 'none'}. Reference: {answer}. " \
-           f"Score: {rubric_score(response, answer)}"
-
-
 def judge_records(problems: list[Problem], seed: int, reference: bool = True) -> list[dict]:
     """SFT conversations that teach a small generative judge (RLAIF) the rubric: the user turn is
     `judge_prompt` (with the reference answer when `reference`) holding a response drawn from
-    JUDGED_STYLE_SHARES; the assistant's reply is `judge_reply`, ending "Score: N" with N = `rubric_score`."""
+    JUDGED_STYLE_SHARES; the assistant replies "Score: N" with N = `rubric_score`."""
     rng = _rng(seed, "judge")
     styles = _styles(len(problems), JUDGED_STYLE_SHARES, rng)
     records = []
@@ -374,8 +363,7 @@ def judge_records(problems: list[Problem], seed: int, reference: bool = True) ->
         response = styled_response(p, style, rng)
         records.append({"conversations": [
             {"role": "user", "content": judge_prompt(p.question, response, str(p.answer) if reference else None)},
-            {"role": "assistant", "content": judge_reply(response, p.answer) if reference else
-             f"Score: {rubric_score(response, p.answer)}"},
+            {"role": "assistant", "content": f"Score: {rubric_score(response, p.answer)}"},
         ]})
     return records
 

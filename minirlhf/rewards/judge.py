@@ -55,7 +55,7 @@ class LocalJudgeBackend:
     """A native judge model, greedy decoding through the batched KV-cache sampler. A message whose prompt plus
     `max_new_tokens` does not fit the model's context gets None (it cannot be judged whole)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_new_tokens: int = 32, batch_size: int = 64):
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, max_new_tokens: int = 8, batch_size: int = 64):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 

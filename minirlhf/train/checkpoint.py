@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from ..config import ConfigError
-from ..errors import blocked_pickle_reason
+from ..errors import SetupError, blocked_pickle_reason
 
 STATE_FILE = "trainer_state.pt"
+FULL_DISK_BYTES = 64 * 2**20  # a write that fails with less than this free is reported as a full disk
 _PREFIX = "step_"
 
 
@@ -46,8 +47,11 @@ def atomic_write_dir(final: Path, write: Any) -> None:
     try:
         write(tmp)
         _fsync_tree(tmp)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save and safetensors report a full disk as a RuntimeError of their own: say what it is
+        if isinstance(e, Exception) and shutil.disk_usage(final.parent).free < FULL_DISK_BYTES:
+            raise SetupError(f"{final}: cannot write, the disk is full; earlier checkpoints are intact") from e
         raise
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
