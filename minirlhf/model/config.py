@@ -2,7 +2,7 @@
 
 The native model is MiniMind's decoder (itself Llama-shaped): RMSNorm, RoPE, grouped-query attention,
 SwiGLU MLP, tied embeddings, optional mixture-of-experts MLP. Presets follow MiniMind's sizes; `tiny`
-is ours, small enough for tests and the 15-minute CPU demo.
+is ours, small enough for tests and the 12-minute CPU demo.
 """
 
 from __future__ import annotations
