@@ -159,9 +159,9 @@ class MetricsLog:
             self.path.write_text("")
         elif self.path.exists():  # drop rows written after the checkpoint we resume from
             rows, torn = [], 0
-            for line in self.path.read_text().splitlines():
+            for line in filter(str.strip, self.path.read_text().splitlines()):
                 try:
-                    rows.append((line, json.loads(line))) if line.strip() else None
+                    rows.append((line, json.loads(line)))
                 except ValueError:  # a line cut short by a crash mid-write
                     torn += 1
             if torn:
@@ -255,8 +255,7 @@ def accumulate_gradients(algo: Algorithm, batches: list[Any], ddp_modules: list[
             (loss * scale).backward()
         step_loss += float(loss.detach()) * scale
         rows.append(metrics)
-    metrics = distributed.average_metrics({**_mean_metrics(rows), "loss": step_loss})
-    return metrics
+    return distributed.average_metrics({**_mean_metrics(rows), "loss": step_loss})
 
 
 def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, float]:
