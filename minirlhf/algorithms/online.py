@@ -94,8 +94,9 @@ def check_reward_signal(reward, rows: int, nonfinite: float, rollout: int, warn_
         raise RewardSignalError(f"rollout {rollout}: none of its {rows} samples got a usable reward ({errors:.0f} "
                                 f"judge requests failed, {unparsable:.0f} judge replies unparsable, {nonfinite:.0f} "
                                 "non-finite scores); check judge_url / judge_model and the reward")
-    if rows and max(nonfinite, judge_failed) / rows > warn_share:
-        print(f"warning: rollout {rollout}: {max(nonfinite, judge_failed) / rows:.0%} of the samples got no usable "
+    share = max(nonfinite, judge_failed) / rows if rows else 0.0
+    if share > warn_share:
+        print(f"warning: rollout {rollout}: {share:.0%} of the samples got no usable "
               f"reward ({errors:.0f} judge requests failed, {unparsable:.0f} replies unparsable, {nonfinite:.0f} "
               "non-finite scores)", file=sys.stderr)
 
@@ -301,7 +302,7 @@ def load_online(cfg: OnlineConfig):
         return PointwiseJudge(judge_backend(cfg, device), fallback=cfg.judge_fallback, reference=cfg.judge_reference)
 
     reward = build_reward(cfg.reward, {"rm": reward_model, "judge": judge})
-    checks_answers = "answer" in [item.partition(":")[0].strip() for item in cfg.reward.split(",")]
+    checks_answers = any(fn.name == "answer" for fn, _ in reward.parts)
     prompts = load_prompts(cfg.data, prompt_field=cfg.prompt_field, answer_field=cfg.answer_field,
                            numeric_answers=checks_answers)
     eval_prompts = load_prompts(cfg.eval_data, prompt_field=cfg.prompt_field,
