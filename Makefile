@@ -20,10 +20,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/minirlhf demo --config configs/rlhf.yaml
 
-# Two workers, one test file each at a time: the learning tests (one module-scoped pipeline) run beside the rest.
+# Two workers, one test file each at a time, in collection order: the learning tests (one module-scoped
+# pipeline, the longest file; conftest.py puts it first) run on one worker while the other runs the rest.
 test: $(STAMP)
 	$(VENV)/bin/ruff check minirlhf tests bench
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: $(STAMP)
 	$(PY) bench/generate.py

@@ -73,8 +73,7 @@ def _stage_command(stage: str, args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .eval import generate_responses
-    from .generation import SamplingConfig
+    from .generation import SamplingConfig, generate_responses
     from .model import load_policy
     from .tokenizer import Tokenizer
 
@@ -89,8 +88,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _chat(args: argparse.Namespace) -> int:
-    from .eval import generate_responses
-    from .generation import SamplingConfig
+    from .generation import SamplingConfig, generate_responses
     from .model import load_policy
     from .tokenizer import Tokenizer
 
@@ -139,9 +137,9 @@ def _serve(args: argparse.Namespace) -> int:
 def _eval_pref(args: argparse.Namespace) -> int:
     import json
 
-    from .algorithms.dpo import implicit_reward_accuracy
+    from .algorithms.dpo import implicit_reward_accuracy, pair_sequence_logprobs
     from .data.pairs import load_pairs, tokenize_pairs
-    from .eval import pair_sequence_logprobs, reward_model_accuracy
+    from .eval import reward_model_accuracy
     from .model import load_policy, load_scalar_model
     from .model.heads import has_scalar_head
     from .tokenizer import Tokenizer

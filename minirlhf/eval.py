@@ -1,5 +1,6 @@
-"""Evaluation on held-out data: task accuracy by greedy decoding (embedded task, GSM8K-style answers),
-sequence log-probs of preference pairs (implicit DPO rewards), reward-model pair accuracy."""
+"""Evaluation on held-out data: task accuracy by greedy and sampled decoding (embedded task, GSM8K-style
+answers) with standard errors, and reward-model pair accuracy. (DPO's implicit-reward accuracy lives in
+algorithms/dpo.py, a judge's agreement with the rubric in rewards/judge.py.)"""
 
 from __future__ import annotations
 
@@ -8,25 +9,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .data.formats import Message, PromptExample
+from .data.formats import PromptExample
 from .data.pairs import collate_pairs
-from .data.task import JUDGE_THRESHOLD, STYLES, is_correct, response_style
-from .generation import SamplingConfig, generate
-from .logprobs import sequence_logprobs
+from .data.task import STYLES, is_correct, response_style
+from .generation import SamplingConfig, generate_responses
 from .tokenizer import Tokenizer
-
-
-@torch.no_grad()
-def generate_responses(model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[Message]],
-                       sampling: SamplingConfig, seed: int = 0, batch_size: int = 64) -> list[str]:
-    """Decoded responses, one per chat prompt."""
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    texts: list[str] = []
-    for i in range(0, len(prompts), batch_size):
-        ids = [tokenizer.encode_prompt(p) for p in prompts[i:i + batch_size]]
-        rollout = generate(model, ids, sampling, tokenizer.eos_id, tokenizer.pad_id, generator)
-        texts += tokenizer.batch_decode(rollout.completions())
-    return texts
 
 
 def standard_error(p: float, n: int) -> float:
@@ -35,7 +22,7 @@ def standard_error(p: float, n: int) -> float:
 
 
 def task_metrics(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[PromptExample],
-                 max_new_tokens: int = 48, sampled: bool = True, batch_size: int = 64, seed: int = 0
+                 max_new_tokens: int = 48, sampled: bool = True, batch_size: int = 256, seed: int = 0
                  ) -> dict[str, float]:
     """Held-out task metrics of a policy:
     accuracy (± accuracy_se)        share of prompts whose greedy response states the right final answer
@@ -60,21 +47,6 @@ def task_metrics(model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Prom
 
 
 @torch.no_grad()
-def pair_sequence_logprobs(model: nn.Module, pairs, pad_id: int, batch_size: int = 32
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(chosen logps, rejected logps, chosen lengths, rejected lengths) for TokenizedPairs, batched, no grad."""
-    device = next(model.parameters()).device
-    out: list[tuple[torch.Tensor, ...]] = []
-    for i in range(0, len(pairs), batch_size):
-        rows = pairs[i:i + batch_size]
-        ids, attention, completion = collate_pairs(rows, pad_id, device)
-        logps, lengths = sequence_logprobs(model, ids, attention, completion)
-        n = len(rows)
-        out.append((logps[:n], logps[n:], lengths[:n], lengths[n:]))
-    return tuple(torch.cat(parts) for parts in zip(*out))  # type: ignore[return-value]
-
-
-@torch.no_grad()
 def reward_model_accuracy(reward_model: nn.Module, pairs, pad_id: int, batch_size: int = 32) -> dict[str, float]:
     """Held-out share of pairs with r(chosen) > r(rejected), and the mean margin r(chosen) - r(rejected)."""
     device = next(reward_model.parameters()).device
@@ -86,24 +58,3 @@ def reward_model_accuracy(reward_model: nn.Module, pairs, pad_id: int, batch_siz
         margins.append(scores[: len(rows)] - scores[len(rows):])
     margin = torch.cat(margins)
     return {"pref_accuracy": float((margin > 0).float().mean()), "margin": float(margin.mean())}
-
-
-
-def judge_agreement(judge: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Message]],
-                    threshold: int = JUDGE_THRESHOLD, max_new_tokens: int = 8) -> dict[str, float]:
-    """How often a generative judge's "Score: N" falls on the same side of `threshold` as the reference
-    reply (the conversation's last, assistant, turn); unparsable replies count as disagreement."""
-    from .rewards.judge import parse_score
-
-    was_training = judge.training
-    judge.eval()
-    replies = generate_responses(judge, tokenizer, [c[:-1] for c in conversations],
-                                 SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0))
-    judge.train(was_training)
-    agree = parsed = 0
-    for reply, conversation in zip(replies, conversations):
-        score, gold = parse_score(reply), parse_score(conversation[-1]["content"])
-        parsed += score is not None
-        agree += score is not None and gold is not None and (score >= threshold) == (gold >= threshold)
-    n = max(1, len(conversations))
-    return {"agreement": agree / n, "agreement_se": standard_error(agree / n, n), "parse_rate": parsed / n}

@@ -82,3 +82,12 @@ class _Exploit:
 def exploit():
     """`exploit(marker)`: an object whose unpickling creates the file `marker` (so a test can see code ran)."""
     return _Exploit
+
+
+SLOWEST_FIRST = ("test_learning.py",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The learning tests (minutes, one module-scoped pipeline) first: with `make test`'s two xdist workers
+    and `--no-loadscope-reorder`, one worker runs them while the other runs everything else."""
+    items.sort(key=lambda item: item.path.name not in SLOWEST_FIRST)

@@ -71,6 +71,9 @@ GRPO_CASES = [
     {"loss_type": loss_type, "advantage": advantage, "skip_zero_variance": skip}
     for loss_type in ("grpo", "dapo", "dr_grpo") for advantage in ("grpo", "rloo", "reinforce_pp")
     for skip in (False, True)
+] + [  # every other preset that averages over the whole batch (not bnpo: it weighs micro-batches alike by design)
+    {"loss_type": loss_type, "advantage": "grpo", "skip_zero_variance": False}
+    for loss_type in ("cispo", "sapo", "gspo", "luspo")
 ]
 
 

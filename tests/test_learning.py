@@ -29,7 +29,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rlhf.yaml"
 HELD_OUT = 200
 # The demo's pretraining and SFT as they are (a shorter start leaves working too weak to pay off), then each
 # method for fewer steps than the demo gives it.
-FEWER_STEPS = {"rm": 60, "dpo": 50, "grpo": 15, "spo": 18, "online-dpo": 15, "judge": 80, "rlaif": 15}
+FEWER_STEPS = {"rm": 60, "dpo": 30, "ppo": 24, "grpo": 10, "spo": 12, "online-dpo": 10, "judge": 40, "rlaif": 12}
 
 
 def run_stage(root: Path, stage: str, **values) -> dict[str, float]:
@@ -83,7 +83,7 @@ def assert_held_out_gain(result: dict, start: dict, at_least: float) -> None:
 def test_sft_imitates_the_demonstrations_and_guesses_when_greedy(pipeline):
     sft = pipeline["sft"]
     assert sft["style/guess"] >= 0.8  # measured 1.00: "The" is the likeliest first word
-    assert sft["accuracy"] <= 0.2  # measured 0.08: room for every method to improve
+    assert sft["accuracy"] <= 0.2  # measured 0.12: room for every method to improve
 
 
 def test_reward_model_ranks_held_out_pairs_by_the_rubric(pipeline):
@@ -93,31 +93,30 @@ def test_reward_model_ranks_held_out_pairs_by_the_rubric(pipeline):
 
 def test_dpo_prefers_the_rubric_and_raises_held_out_accuracy(pipeline):
     result = run_stage(pipeline["root"], "dpo", eval_samples=HELD_OUT)
-    assert result["pref_accuracy"] >= 0.85  # measured 0.92; policy == reference ties every pair
-    assert_held_out_gain(result, pipeline["sft"], 0.12)  # measured +0.245 (0.08 -> 0.325)
+    assert result["pref_accuracy"] >= 0.85  # measured 0.93; policy == reference ties every pair
+    assert_held_out_gain(result, pipeline["sft"], 0.30)  # measured +0.48 (0.12 -> 0.60) in 30 steps
 
 
 @pytest.mark.parametrize("stage, at_least", [
-    ("grpo", 0.15),  # measured +0.325 (0.405) in 15 steps
-    ("ppo", 0.12),  # measured +0.235 (0.315) in the demo's 32 steps (24 steps: +0.08, the style half moved)
-    ("spo", 0.15),  # measured +0.295 (0.375) in 18 steps
-    ("online-dpo", 0.12),  # measured +0.225 (0.305) in 15 steps
+    ("grpo", 0.30),  # measured +0.475 (0.595) in 10 steps
+    ("ppo", 0.30),  # measured +0.465 (0.585) in 24 steps
+    ("spo", 0.30),  # measured +0.435 (0.555) in 12 steps
+    ("online-dpo", 0.30),  # measured +0.42 (0.54) in 10 steps
 ])
 def test_online_method_raises_held_out_accuracy_with_bounded_kl(pipeline, stage, at_least):
     result = run_stage(pipeline["root"], stage, eval_samples=HELD_OUT)
     assert_held_out_gain(result, pipeline["sft"], at_least)
     kl = [r["kl"] for r in metrics(pipeline["root"] / stage) if "kl" in r]
-    assert kl[-1] < 1.0  # the last rollout's per-token KL to SFT: measured 0.04 (SPO 0.41, after a spike of 1.0)
+    assert kl[-1] < 0.5  # the last rollout's per-token KL to SFT: measured 0.05-0.07 (GRPO 0.18)
 
 
 def test_judge_learns_the_rubric_styles_and_rlaif_follows_its_score_alone(pipeline):
     """The judge learns the style half of the rubric but not (yet) the answer half (README, "What limits it"),
-    so RLAIF moves the policy to showing its working like the other methods; how much accuracy follows depends
-    on how far it drifts (15 steps here gain more than the demo's 20)."""
+    so RLAIF moves the policy to showing its working like the other methods, and accuracy follows."""
     judge = run_stage(pipeline["root"], "judge", eval_samples=HELD_OUT)
-    assert judge["agreement"] >= 0.75  # measured 0.85: styles judged right, worked slips rated as correct
+    assert judge["agreement"] >= 0.75  # measured 0.825: styles judged right, worked slips rated as correct
     result = run_stage(pipeline["root"], "rlaif", eval_samples=HELD_OUT)  # reward: judge:1, no answer checking
-    assert_held_out_gain(result, pipeline["sft"], 0.10)  # measured +0.245 (0.325) in 15 steps; the demo's 20: +0.08
+    assert_held_out_gain(result, pipeline["sft"], 0.30)  # measured +0.465 (0.585) in 12 steps
 
 
 def test_beta_zero_loads_no_reference(pipeline):

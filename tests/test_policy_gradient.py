@@ -14,17 +14,21 @@ import statistics
 import pytest
 import torch
 
-from minirlhf.algorithms.grpo import grpo_loss
 from minirlhf.algorithms.policy_gradient import (
+    PolicyLoss,
     aggregate,
     aggregate_units,
-    clipped_surrogate,
+    cispo_surrogate,
+    clip_surrogate,
     discounted_returns,
     gae,
     group_advantages,
+    importance_log_ratio,
     kl_estimate,
     masked_whiten,
+    policy_gradient_loss,
     rloo_advantages,
+    sapo_surrogate,
 )
 from minirlhf.algorithms.ppo import adaptive_kl_update, ppo_value_loss
 from minirlhf.algorithms.spo import BetaValueTracker
@@ -97,7 +101,7 @@ def test_clipped_surrogate_engages_only_in_the_direction_that_matters():
     old = torch.zeros(len(cases))
     logps = torch.tensor([math.log(r) for r, _, _ in cases], requires_grad=True)
     adv = t([a for _, a, _ in cases])
-    loss, clipped = clipped_surrogate(logps, old, adv, eps_low, eps_high)
+    loss, clipped = clip_surrogate(logps - old, adv, eps_low, eps_high)
     loss.sum().backward()
     for i, (ratio, a, is_clipped) in enumerate(cases):
         clipped_ratio = min(max(ratio, 1 - eps_low), 1 + eps_high)
@@ -111,9 +115,74 @@ def test_clipped_surrogate_engages_only_in_the_direction_that_matters():
 
 def test_clip_higher_widens_only_the_upper_clip():
     logps, old, adv = t([math.log(1.25)]), t([0.0]), t([1.0])
-    _, clipped_asym = clipped_surrogate(logps, old, adv, 0.2, 0.28)
-    _, clipped_sym = clipped_surrogate(logps, old, adv, 0.2, 0.2)
+    _, clipped_asym = clip_surrogate(logps - old, adv, 0.2, 0.28)
+    _, clipped_sym = clip_surrogate(logps - old, adv, 0.2, 0.2)
     assert clipped_asym.item() == 0.0 and clipped_sym.item() == 1.0
+
+
+def test_two_sided_clip_caps_the_ratio_of_a_negative_advantage():
+    """INTELLECT-2's δ: with A < 0 the min picks the unclipped ρA, unbounded as ρ grows; δ caps it."""
+    logps, old, adv = torch.tensor([math.log(3.0)], requires_grad=True), t([0.0]), t([-1.0])
+    loss, _ = clip_surrogate(logps - old, adv, 0.2, 0.2)
+    assert loss.item() == pytest.approx(3.0)  # -min(3 * -1, 1.2 * -1)
+    capped, _ = clip_surrogate(logps - old, adv, 0.2, 0.2, delta=2.0)
+    assert capped.item() == pytest.approx(2.0)  # -min(2 * -1, 1.2 * -1)
+    capped.backward()
+    assert logps.grad.item() == 0.0  # the capped ratio passes no gradient
+    inside, _ = clip_surrogate(t([math.log(1.5)]), adv, 0.2, 0.2, delta=2.0)
+    assert inside.item() == pytest.approx(1.5)  # below δ nothing changes
+
+
+def test_cispo_keeps_every_tokens_gradient_with_a_capped_detached_weight():
+    ratios, adv = [0.5, 1.0, 2.0, 8.0], [1.0, -2.0, 1.5, 1.0]
+    cap = 5.0
+    logps = torch.tensor([math.log(r) - 1.0 for r in ratios], requires_grad=True)
+    old = logps.detach() - t([math.log(r) for r in ratios])  # exp(logps - old) == ratios
+    loss, capped = cispo_surrogate(logps - old, logps, t(adv), cap)
+    loss.sum().backward()
+    for i, (r, a) in enumerate(zip(ratios, adv)):
+        weight = min(r, cap)
+        assert loss[i].item() == pytest.approx(-weight * a * logps[i].item(), rel=1e-5), i
+        assert logps.grad[i].item() == pytest.approx(-weight * a, rel=1e-5), i  # never zeroed, unlike clip
+        assert capped[i].item() == float(r > cap), i
+
+
+def test_sapo_gate_by_hand_slope_one_on_policy():
+    tau_pos, tau_neg = 1.0, 1.05
+    cases = [(1.0, 2.0), (1.0, -1.0), (1.8, 1.0), (0.4, -0.5)]  # (ratio, advantage)
+    logps = torch.tensor([math.log(r) for r, _ in cases], requires_grad=True)
+    adv = t([a for _, a in cases])
+    loss = sapo_surrogate(logps, adv, tau_pos, tau_neg)
+    loss.sum().backward()
+    for i, (r, a) in enumerate(cases):
+        tau = tau_pos if a > 0 else tau_neg
+        gate = 1 / (1 + math.exp(-tau * (r - 1)))
+        assert loss[i].item() == pytest.approx(-gate * 4 / tau * a, rel=1e-5), i
+        # d/dlogp of -(4/τ)σ(τ(ρ-1))A = -4 σ (1 - σ) ρ A
+        assert logps.grad[i].item() == pytest.approx(-4 * gate * (1 - gate) * r * a, rel=1e-5), i
+    assert logps.grad[0].item() == pytest.approx(-2.0)  # on-policy: the plain policy gradient -A
+
+
+def test_sequence_level_ratio_is_the_mean_token_log_ratio_of_each_sequence():
+    logps = t([[0.0, -1.0, -2.0, -3.0], [-1.0, -1.0, -1.0, -1.0]])
+    old = t([[5.0, -1.5, -1.0, -3.0], [-2.0, -2.0, -2.0, -2.0]])
+    mask = t([[0, 1, 1, 1], [1, 1, 0, 0]])
+    seq = importance_log_ratio(logps, old, mask, "sequence")
+    assert seq.shape == (2, 1)
+    assert seq[0, 0].item() == pytest.approx((0.5 - 1.0 + 0.0) / 3)  # the prompt position (log-ratio -5) is masked
+    assert seq[1, 0].item() == pytest.approx(1.0)
+    assert torch.equal(importance_log_ratio(logps, old, mask, "token"), logps - old)
+
+
+def test_gspo_clips_whole_sequences():
+    """With the sequence ratio every token of a sequence shares one ratio, so a sequence is clipped as a whole."""
+    logps = torch.zeros(2, 3)
+    old = t([[-0.5, 0.0, 0.0], [0.0, 0.0, -0.9]])  # sequence 0: mean log-ratio 1/6 -> ρ 1.18 (inside 1.2)
+    mask, adv = torch.ones(2, 3), torch.ones(2, 3)  # sequence 1: mean 0.3 -> ρ 1.35 (clipped)
+    _, clipped = policy_gradient_loss(logps, old, adv, mask, PolicyLoss(importance_sampling_level="sequence"))
+    assert clipped.tolist() == [[0.0] * 3, [1.0] * 3]
+    _, per_token = policy_gradient_loss(logps, old, adv, mask, PolicyLoss())
+    assert per_token.tolist() == [[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -135,21 +204,27 @@ def test_aggregate_by_hand_with_a_skipped_row():
     dapo = sum(sum(r) for r in live) / sum(len(r) for r in live)  # 16 / 4 = 4
     dr_grpo_4 = sum(sum(r) for r in live) / (len(live) * 4)  # 16 / 8 = 2
     dr_grpo_10 = sum(sum(r) for r in live) / (len(live) * 10)  # max_len from config: 16 / 20
-    assert aggregate(per_token, mask, "grpo").item() == pytest.approx(grpo) == 6.0
-    assert aggregate(per_token, mask, "dapo").item() == pytest.approx(dapo) == 4.0
-    assert aggregate(per_token, mask, "dr_grpo").item() == pytest.approx(dr_grpo_4) == 2.0
-    assert aggregate(per_token, mask, "dr_grpo", max_len=10).item() == pytest.approx(dr_grpo_10)
+    luspo = sum(sum(r) for r in live) / len(live)  # 16 / 2 = 8
+    assert aggregate(per_token, mask, "sequence_mean").item() == pytest.approx(grpo) == 6.0
+    assert aggregate(per_token, mask, "token_mean").item() == pytest.approx(dapo) == 4.0
+    assert aggregate(per_token, mask, "local_token_mean").item() == pytest.approx(dapo) == 4.0
+    assert aggregate(per_token, mask, "constant").item() == pytest.approx(dr_grpo_4) == 2.0
+    assert aggregate(per_token, mask, "constant", max_len=10).item() == pytest.approx(dr_grpo_10)
+    assert aggregate(per_token, mask, "sequence_sum").item() == pytest.approx(luspo) == 8.0
     with pytest.raises(ValueError, match="unknown aggregation"):
         aggregate(per_token, mask, "mean")
 
 
 def test_aggregate_units_count_what_each_aggregation_averages_over():
-    """The data-parallel weight of a rank's loss: tokens for dapo, live sequences for grpo and dr_grpo. Splitting
-    the batch above into ranks and re-weighting each rank's aggregate by its units recovers the whole-batch one."""
+    """The data-parallel weight of a rank's loss: tokens for token_mean, live sequences for the sequence
+    aggregations, 1 for local_token_mean (each micro-batch alike, as TRL's bnpo). Splitting the batch above into
+    ranks and re-weighting each rank's aggregate by its units recovers the whole-batch one."""
     per_token, mask = t(PER_TOKEN), t(MASK)
-    assert aggregate_units(mask, "dapo") == 4.0  # 3 + 0 + 1 response tokens
-    assert aggregate_units(mask, "grpo") == aggregate_units(mask, "dr_grpo") == 2.0  # the empty row does not count
-    for how in ("grpo", "dapo"):
+    assert aggregate_units(mask, "token_mean") == 4.0  # 3 + 0 + 1 response tokens
+    assert aggregate_units(mask, "local_token_mean") == 1.0
+    for how in ("sequence_mean", "constant", "sequence_sum"):
+        assert aggregate_units(mask, how) == 2.0  # the empty row does not count
+    for how in ("sequence_mean", "token_mean", "sequence_sum"):
         parts = [(aggregate(per_token[i:i + 1], mask[i:i + 1], how), aggregate_units(mask[i:i + 1], how))
                  for i in range(3)]
         total = sum(units for _, units in parts)
@@ -158,7 +233,7 @@ def test_aggregate_units_count_what_each_aggregation_averages_over():
 
 
 def test_aggregate_of_an_all_masked_batch_is_zero_not_nan():
-    for how in ("grpo", "dapo", "dr_grpo"):
+    for how in ("sequence_mean", "token_mean", "local_token_mean", "constant", "sequence_sum"):
         assert aggregate(t(PER_TOKEN), torch.zeros(3, 4), how).item() == 0.0
 
 
@@ -284,8 +359,8 @@ def test_gae_matches_a_per_sequence_loop(gamma, lam):
 # GRPO loss
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
-def test_grpo_loss_with_kl_by_hand(loss_type):
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "token_mean", "constant"])
+def test_clip_loss_with_kl_by_hand(aggregation):
     g = torch.Generator().manual_seed(7)
     mask = [[0, 1, 1, 1],
             [0, 0, 0, 0],
@@ -296,7 +371,8 @@ def test_grpo_loss_with_kl_by_hand(loss_type):
     adv = t([[0.8] * 4, [0.0] * 4, [-1.1] * 4])
     eps_low, eps_high, beta, max_len = 0.2, 0.28, 0.05, 6
     kl = kl_estimate(logps, refs, "k3")
-    got, clipped = grpo_loss(logps, old, adv, t(mask), eps_low, eps_high, kl, beta, loss_type, max_len)
+    spec = PolicyLoss(aggregation=aggregation, eps_low=eps_low, eps_high=eps_high)
+    got, clipped = policy_gradient_loss(logps, old, adv, t(mask), spec, kl, beta, max_len)
 
     per_row: list[list[float]] = []
     for b in range(3):
@@ -311,9 +387,9 @@ def test_grpo_loss_with_kl_by_hand(loss_type):
             row.append(surrogate + beta * (math.exp(lr) - lr - 1))
         if row:
             per_row.append(row)
-    if loss_type == "grpo":
+    if aggregation == "sequence_mean":
         expected = sum(sum(r) / len(r) for r in per_row) / len(per_row)
-    elif loss_type == "dapo":
+    elif aggregation == "token_mean":
         expected = sum(sum(r) for r in per_row) / sum(len(r) for r in per_row)
     else:
         expected = sum(sum(r) for r in per_row) / (len(per_row) * max_len)
@@ -321,16 +397,17 @@ def test_grpo_loss_with_kl_by_hand(loss_type):
     assert clipped.shape == (3, 4)
 
 
-def test_grpo_loss_without_beta_ignores_the_kl():
+def test_policy_loss_without_kl_coef_ignores_the_kl():
     g = torch.Generator().manual_seed(8)
     logps, old = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
     adv, mask = torch.randn(2, 3, generator=g), torch.ones(2, 3)
     huge_kl = torch.full((2, 3), 1e6)
-    no_kl, _ = grpo_loss(logps, old, adv, mask, 0.2, 0.2, None, 0.0)
-    beta_zero, _ = grpo_loss(logps, old, adv, mask, 0.2, 0.2, huge_kl, 0.0)
-    no_tensor, _ = grpo_loss(logps, old, adv, mask, 0.2, 0.2, None, 0.5)
+    spec = PolicyLoss()
+    no_kl, _ = policy_gradient_loss(logps, old, adv, mask, spec, None, 0.0)
+    beta_zero, _ = policy_gradient_loss(logps, old, adv, mask, spec, huge_kl, 0.0)
+    no_tensor, _ = policy_gradient_loss(logps, old, adv, mask, spec, None, 0.5)
     assert beta_zero.item() == no_kl.item() == no_tensor.item()
-    with_kl, _ = grpo_loss(logps, old, adv, mask, 0.2, 0.2, torch.ones(2, 3), 0.5)
+    with_kl, _ = policy_gradient_loss(logps, old, adv, mask, spec, torch.ones(2, 3), 0.5)
     assert with_kl.item() == pytest.approx(no_kl.item() + 0.5, abs=1e-6)  # mean of β·1 over tokens
 
 
@@ -390,7 +467,7 @@ def test_beta_value_tracker_by_hand():
     assert rho.tolist() == pytest.approx([rho_max, rho_max])
     a[0], b[0] = rho_max * a[0] + 1.0, rho_max * b[0] + 0.0
     a[2], b[2] = rho_max * a[2] + 0.25, rho_max * b[2] + 0.75
-    assert tracker.alpha.tolist() == pytest.approx(a) and tracker.beta.tolist() == pytest.approx(b)
+    assert tracker.successes.tolist() == pytest.approx(a) and tracker.failures.tolist() == pytest.approx(b)
     assert tracker.value(torch.tensor([0, 1, 2])).tolist() == pytest.approx([x / (x + y) for x, y in zip(a, b)])
 
     # second visit of slot 0: D = |mean logp now - then| = |-1.03 - (-1.0)| = 0.03 → ρ = 2^(-0.5) ≈ 0.707
@@ -401,9 +478,9 @@ def test_beta_value_tracker_by_hand():
     assert rho.tolist() == pytest.approx([rho0, rho_min], abs=1e-5)
     a[0], b[0] = rho0 * a[0] + 0.0, rho0 * b[0] + 1.0
     a[2], b[2] = rho_min * a[2] + 1.0, rho_min * b[2] + 0.0
-    assert tracker.alpha.tolist() == pytest.approx(a, abs=1e-5)
-    assert tracker.beta.tolist() == pytest.approx(b, abs=1e-5)
-    assert tracker.alpha[1].item() == tracker.beta[1].item() == pytest.approx(0.5 * n_init)  # never visited
+    assert tracker.successes.tolist() == pytest.approx(a, abs=1e-5)
+    assert tracker.failures.tolist() == pytest.approx(b, abs=1e-5)
+    assert tracker.successes[1].item() == tracker.failures[1].item() == pytest.approx(0.5 * n_init)  # never visited
 
 
 def test_beta_value_tracker_averages_repeated_slots():
@@ -413,9 +490,130 @@ def test_beta_value_tracker_averages_repeated_slots():
     # slot 1 appears three times: reward mean 2/3, logp mean -1.0; slot 0 once
     rho = tracker.update(torch.tensor([1, 0, 1, 1]), t([1.0, 0.0, 1.0, 0.0]), t([-0.5, -3.0, -1.5, -1.0]))
     assert rho.tolist() == pytest.approx([rho_max, rho_max])
-    assert tracker.alpha.tolist() == pytest.approx([rho_max * 0.5 * n_init, rho_max * 0.5 * n_init + 2 / 3])
-    assert tracker.beta.tolist() == pytest.approx([rho_max * 0.5 * n_init + 1.0, rho_max * 0.5 * n_init + 1 / 3])
+    assert tracker.successes.tolist() == pytest.approx([rho_max * 0.5 * n_init, rho_max * 0.5 * n_init + 2 / 3])
+    assert tracker.failures.tolist() == pytest.approx([rho_max * 0.5 * n_init + 1.0, rho_max * 0.5 * n_init + 1 / 3])
     assert tracker.last_logp.tolist() == pytest.approx([-3.0, -1.0])
     # next visit measures drift from the averaged log-prob
     rho = tracker.update(torch.tensor([1]), t([1.0]), t([-1.06]))
     assert rho.tolist() == pytest.approx([min(max(2 ** (-0.06 / d_half), rho_min), rho_max)], abs=1e-5)  # = 0.5
+
+
+def test_loss_type_presets_set_three_choices_and_explicit_options_win():
+    from minirlhf.algorithms.grpo import LOSS_PRESETS, GRPOConfig, policy_loss_spec
+
+    assert set(LOSS_PRESETS) == {"grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "gspo", "luspo"}
+    gspo = policy_loss_spec(GRPOConfig(loss_type="gspo"))
+    assert (gspo.surrogate, gspo.aggregation, gspo.importance_sampling_level) == ("clip", "sequence_mean", "sequence")
+    cispo = policy_loss_spec(GRPOConfig(loss_type="cispo", cispo_max_ratio=4.0))
+    assert (cispo.surrogate, cispo.aggregation, cispo.cispo_max_ratio) == ("cispo", "token_mean", 4.0)
+    mixed = policy_loss_spec(GRPOConfig(loss_type="dapo", surrogate="sapo", importance_sampling_level="sequence"))
+    assert (mixed.surrogate, mixed.aggregation, mixed.importance_sampling_level) == ("sapo", "token_mean", "sequence")
+
+
+def test_overlong_penalty_by_hand():
+    from minirlhf.rewards.base import overlong_penalty
+
+    lengths = torch.tensor([10, 12, 13, 15, 16])  # max_new_tokens 16, buffer 4: free up to 12 tokens
+    assert overlong_penalty(lengths, 16, 4, 0.5).tolist() == pytest.approx([0.0, 0.0, -0.125, -0.375, -0.5])
+
+
+def test_high_entropy_mask_keeps_the_top_share_of_masked_tokens():
+    from minirlhf.algorithms.policy_gradient import high_entropy_mask
+
+    entropy = t([[9.0, 0.1, 0.5, 0.9, 0.3], [9.0, 0.7, 0.2, 0.0, 0.0]])
+    mask = t([[0, 1, 1, 1, 1], [0, 1, 1, 0, 0]])  # 6 tokens: 0.1 0.5 0.9 0.3 0.7 0.2 (the 9.0s are prompt)
+    # the 0.5 quantile of the 6 masked entropies (linear interpolation) is 0.4: keeps 0.5, 0.9, 0.7
+    assert high_entropy_mask(entropy, mask, 0.5).tolist() == [[0, 0, 1, 1, 0], [0, 1, 0, 0, 0]]
+    assert high_entropy_mask(entropy, mask, 1.0).tolist() == mask.tolist()
+    assert high_entropy_mask(entropy, torch.zeros(2, 5), 0.5).sum() == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parity with TRL
+
+
+@pytest.mark.parametrize("loss_type, level, delta, kl_correction, entropy_share", [
+    ("grpo", "token", None, False, 1.0), ("bnpo", "token", None, False, 1.0), ("dapo", "token", None, False, 1.0),
+    ("dr_grpo", "token", None, False, 1.0), ("cispo", "token", None, False, 1.0), ("sapo", "token", None, False, 1.0),
+    ("luspo", "sequence", None, False, 1.0),
+    ("grpo", "sequence", None, False, 1.0),  # GSPO, TRL's spelling
+    ("dapo", "token", 1.5, False, 1.0),  # two-sided clipping
+    ("grpo", "token", None, True, 1.0), ("grpo", "sequence", None, True, 1.0),  # the KL weighted by the ratio
+    ("dapo", "token", None, False, 0.5),  # only the high-entropy half of the tokens
+])
+def test_policy_loss_matches_trl_grpo_trainer(loss_type, level, delta, kl_correction, entropy_share, tokenizer,
+                                              tmp_path):
+    """Our `policy_gradient_loss` (with the preset `loss_type` sets, and the log-prob helper) vs TRL 1.16's
+    `GRPOTrainer._compute_loss` on the same tiny HF Llama, batch, advantages, old and reference log-probs:
+    loss and every parameter's gradient agree to 1e-6. Prompts share a length (TRL left-pads them without
+    position ids); completions are right-padded to different lengths. One micro-batch, one process."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    from minirlhf.algorithms.grpo import GRPOConfig, policy_loss_spec
+    from minirlhf.algorithms.policy_gradient import high_entropy_mask
+    from minirlhf.logprobs import completion_logprobs
+
+    vocab, pad, prompt_len, completion_len, rows = tokenizer.vocab_size, tokenizer.pad_id, 3, 5, 4
+    hf_tokenizer = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer.from_str(tokenizer.backend.to_str()),
+                                           eos_token=tokenizer.eos_token, pad_token=tokenizer.pad_token)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=pad)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    g = torch.Generator().manual_seed(1)
+    prompt_ids = torch.randint(3, vocab, (rows, prompt_len), generator=g)
+    completion_ids = torch.randint(3, vocab, (rows, completion_len), generator=g)
+    completion_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]])
+    completion_ids = completion_ids.masked_fill(completion_mask == 0, pad)  # right padding
+    advantages = torch.tensor([1.2, -0.7, 0.4, -1.5])
+    with torch.no_grad():
+        ids = torch.cat([prompt_ids, completion_ids], 1)
+        attention = torch.cat([torch.ones_like(prompt_ids), completion_mask], 1)
+        full_completion = torch.cat([torch.zeros_like(prompt_ids), completion_mask], 1)
+        current, _ = completion_logprobs(model, ids, attention, full_completion)
+    # old / reference log-probs off the current ones by up to ±0.6, so ratios reach past every clip and cap
+    old = current[:, -completion_len:] + (torch.rand(rows, completion_len, generator=g) - 0.5) * 1.2
+    ref = current[:, -completion_len:] + (torch.rand(rows, completion_len, generator=g) - 0.5) * 1.2
+    beta, max_len = 0.05, 8
+
+    # ours: the stage's config -> its PolicyLoss; per-token tensors aligned with input_ids[:, 1:]
+    cfg = GRPOConfig(loss_type=loss_type, importance_sampling_level=level, clip_eps_low=0.2, clip_eps_high=0.28,
+                     clip_delta=delta, cispo_max_ratio=1.3, max_new_tokens=max_len, kl_bias_correction=kl_correction)
+    if loss_type == "cispo":
+        cfg.clip_eps_high = 1.3  # TRL reads ε_max from epsilon_high
+    logps, mask, entropy = completion_logprobs(model, ids, attention, full_completion, return_entropy=True)
+    forking = high_entropy_mask(entropy, mask, entropy_share) if entropy_share < 1 else None
+    pad = torch.zeros(rows, prompt_len - 1)
+    old_full, ref_full = torch.cat([pad, old], 1) * mask, torch.cat([pad, ref], 1) * mask
+    kl = kl_estimate(logps, ref_full, "k3")
+    ours, _ = policy_gradient_loss(logps, old_full, advantages[:, None] * mask, mask, policy_loss_spec(cfg), kl, beta,
+                                   max_len, forking)
+    ours.backward()
+    our_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    # TRL's
+    args = TRLConfig(output_dir=str(tmp_path), loss_type=loss_type, importance_sampling_level=level, beta=0.0,
+                     epsilon=0.2, epsilon_high=cfg.clip_eps_high, delta=delta, max_completion_length=max_len,
+                     use_bias_correction_kl=kl_correction, top_entropy_quantile=entropy_share, num_generations=2,
+                     per_device_train_batch_size=2, use_cpu=True, bf16=False, report_to="none", save_strategy="no",
+                     logging_strategy="no")
+    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions), args=args,
+                          train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}), processing_class=hf_tokenizer)
+    trainer.beta = beta  # set after construction: with beta > 0 TRL would load a reference model from the Hub
+    trainer.model.eval()  # one micro-batch: the eval branch divides by no accumulation count
+    theirs = trainer._compute_loss(trainer.model, {
+        "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
+        "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()})
+    theirs.backward()
+
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)
+    assert abs(ours.item()) > 1e-3
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(our_grads[name], param.grad, atol=1e-6, rtol=1e-5, msg=name)

@@ -67,6 +67,17 @@ def test_sigmoid_with_label_smoothing_is_cdpo():
         assert got[i].item() == pytest.approx(expected, abs=1e-6)
 
 
+def test_rpo_adds_the_chosen_mean_token_nll_by_hand():
+    alpha = 0.7
+    plain, _, _ = losses("sigmoid")
+    got, _, _ = losses("sigmoid", rpo_alpha=alpha)
+    for i in range(2):
+        nll = -CHOSEN[i] / CHOSEN_LEN[i]
+        assert got[i].item() == pytest.approx(plain[i].item() + alpha * nll, abs=1e-6)
+    ipo, _, _ = losses("ipo", rpo_alpha=alpha)  # the NLL is of the raw (not length-normalised) sum, for every loss
+    assert ipo[0].item() == pytest.approx(losses("ipo")[0][0].item() + alpha * -CHOSEN[0] / CHOSEN_LEN[0], abs=1e-6)
+
+
 def test_robust_dpo_by_hand():
     eps = 0.2
     got, _, _ = losses("robust", label_smoothing=eps)

@@ -23,7 +23,8 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
-from minirlhf.algorithms.grpo import GRPO, GRPOConfig, grpo_loss
+from minirlhf.algorithms.grpo import GRPO, GRPOConfig
+from minirlhf.algorithms.policy_gradient import PolicyLoss, policy_gradient_loss
 from minirlhf.config import build_config
 from minirlhf.data.formats import PromptExample
 from minirlhf.logprobs import completion_logprobs, gather_logprobs, sequence_logprobs
@@ -208,6 +209,24 @@ def test_infinite_rewards_are_clipped(start_model_dir):
     assert torch.isfinite(exp["advantages"]).all()
 
 
+def test_truncated_completions_are_masked_out_and_overlong_ones_penalised(start_model_dir):
+    """An untrained model rarely says EOS in 4 tokens: rows without EOS are `truncated`; with
+    mask_truncated_completions they keep their reward (group baselines) but no loss token; overlong_buffer=2
+    takes 0.5 per token past max_new_tokens - 2 off the reward."""
+    algo = _grpo(start_model_dir, FixedReward([1.0, 0.0, 1.0, 0.0]), mask_truncated_completions=True,
+                 overlong_buffer=2, overlong_penalty=1.0)
+    exp = algo.make_experience(0)
+    completion = exp["input_ids"][:, -4:]
+    sampled = exp["attention_mask"][:, -4:].bool()
+    no_eos = ~((completion == algo.tokenizer.eos_id) & sampled).any(1)
+    assert exp["truncated"].bool().tolist() == no_eos.tolist() and no_eos.any()
+    assert (exp["completion_mask"].sum(1) == 0).tolist() == no_eos.tolist()  # no loss on truncated rows
+    lengths = sampled.sum(1).float()
+    assert exp["rewards"].tolist() == pytest.approx(
+        (torch.tensor([1.0, 0.0, 1.0, 0.0]) - (lengths - 2).clamp(min=0) / 2).tolist())
+    assert algo.rollout_stats["truncated"] == pytest.approx(float(no_eos.float().mean()))
+
+
 # ------------------------------------------------------------------------------------------------------
 # float32 log-probs under bf16 autocast
 
@@ -227,7 +246,7 @@ def test_logprobs_and_ratios_are_float32_under_bf16_autocast(make_model):
         ratio = torch.exp(logps - old)
         seq, count = sequence_logprobs(model, ids, attention, completion)
         gathered = gather_logprobs(logits[:, :-1], ids[:, 1:], temperature=0.7)
-        loss, clipped = grpo_loss(logps, old, torch.ones_like(logps), mask, 0.2, 0.2, None, 0.0, "grpo", 10)
+        loss, clipped = policy_gradient_loss(logps, old, torch.ones_like(logps), mask, PolicyLoss(), max_len=10)
     for name, t in [("logps", logps), ("mask", mask), ("entropy", entropy), ("ratio", ratio), ("seq", seq),
                     ("gathered", gathered), ("loss", loss)]:
         assert t.dtype == torch.float32, name  # ... but log-probs, ratios and the loss are float32

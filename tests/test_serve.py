@@ -19,8 +19,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from minirlhf import serve  # noqa: E402
-from minirlhf.eval import generate_responses  # noqa: E402
-from minirlhf.generation import SamplingConfig  # noqa: E402
+from minirlhf.generation import SamplingConfig, generate_responses  # noqa: E402
 from minirlhf.model import load_policy  # noqa: E402
 from minirlhf.rewards.judge import HTTPJudgeBackend, PointwiseJudge  # noqa: E402
 from minirlhf.tokenizer import Tokenizer  # noqa: E402

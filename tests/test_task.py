@@ -20,8 +20,10 @@ from minirlhf.data import (
     write_task_data,
 )
 from minirlhf.data.task import (
+    ADD_MAX,
     GUESS_RIGHT,
     JUDGED_STYLE_SHARES,
+    MUL_MAX,
     REJECTED_STYLE_SHARES,
     SFT_STYLE_SHARES,
     WORKING_OPENERS,
@@ -53,6 +55,7 @@ def test_problems_are_small_distinct_and_solved():
         assert p.solution.endswith(f"The answer is {p.answer}.")
         for a, op, b, r in re.findall(r"(\d+) ([-+*]) (\d+) = (\d+)\.", p.solution):
             assert eval(f"{a} {op} {b}") == int(r)
+            assert (int(a) <= MUL_MAX and int(b) <= MUL_MAX) if op == "*" else int(b) <= ADD_MAX
     n_steps = {p.solution.count("=") for p in problems}
     assert n_steps == {1, 2}
     assert any(" * " in p.solution for p in problems) and any(" - " in p.solution for p in problems)

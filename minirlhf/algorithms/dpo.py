@@ -31,22 +31,51 @@ from ..config import field
 from ..data.batching import StepBatches
 from ..data.formats import load_prompts
 from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
-from ..eval import pair_sequence_logprobs, task_metrics
+from ..eval import task_metrics
 from ..logprobs import sequence_logprobs
-from ..model import check_vocab, frozen_reference, load_policy
+from ..model import frozen_reference
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
+from ..train.loop import Algorithm, TrainConfig, train
+from ..train.start import load_start
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+
+
+@torch.no_grad()
+def pair_sequence_logprobs(model: nn.Module, pairs, pad_id: int, batch_size: int = 32
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen logps, rejected logps, chosen lengths, rejected lengths) for TokenizedPairs, batched, no grad."""
+    device = next(model.parameters()).device
+    out: list[tuple[torch.Tensor, ...]] = []
+    for i in range(0, len(pairs), batch_size):
+        rows = pairs[i:i + batch_size]
+        ids, attention, completion = collate_pairs(rows, pad_id, device)
+        logps, lengths = sequence_logprobs(model, ids, attention, completion)
+        n = len(rows)
+        out.append((logps[:n], logps[n:], lengths[:n], lengths[n:]))
+    return tuple(torch.cat(parts) for parts in zip(*out))  # type: ignore[return-value]
 
 
 def preference_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None,
                     ref_rejected_logps: torch.Tensor | None, chosen_lengths: torch.Tensor,
                     rejected_lengths: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5
+                    label_smoothing: float = 0.0, simpo_gamma: float = 0.5, rpo_alpha: float = 0.0
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-pair losses and implicit rewards (chosen, rejected) from summed sequence log-probs (batch,)."""
+    """Per-pair losses and implicit rewards (chosen, rejected) from summed sequence log-probs (batch,).
+    `rpo_alpha` adds α x the chosen response's mean token NLL, -log π(y_w) / |y_w| (RPO, Pang et al., 2024): DPO
+    alone can lower the chosen response's likelihood along with the rejected one's; this holds it up."""
+    nll = -chosen_logps / chosen_lengths.clamp(min=1)
+    losses, r_chosen, r_rejected = _preference_terms(chosen_logps, rejected_logps, ref_chosen_logps,
+                                                     ref_rejected_logps, chosen_lengths, rejected_lengths, beta,
+                                                     loss_type, label_smoothing, simpo_gamma)
+    return (losses + rpo_alpha * nll if rpo_alpha > 0 else losses), r_chosen, r_rejected
+
+
+def _preference_terms(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor | None,
+                      ref_rejected_logps: torch.Tensor | None, chosen_lengths: torch.Tensor,
+                      rejected_lengths: torch.Tensor, beta: float, loss_type: str, label_smoothing: float,
+                      simpo_gamma: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if loss_type in ("ipo", "simpo"):
         chosen_logps, rejected_logps = chosen_logps / chosen_lengths, rejected_logps / rejected_lengths
     if loss_type == "simpo":
@@ -101,6 +130,8 @@ class DPOConfig(TrainConfig):
     label_smoothing: float = field(0.0, "ε: assumed label-noise rate (sigmoid = cDPO, robust = rDPO)", min=0,
                                    lt=0.5)
     simpo_gamma: float = field(0.5, "γ: SimPO target margin", min=0)
+    rpo_alpha: float = field(0.0, "α: add α x the chosen response's mean token NLL to each pair's loss (RPO, Pang "
+                                  "et al., 2024; TRL's rpo_alpha takes a token mean over the batch instead)", min=0)
     precompute_ref: bool = field(True, "compute reference log-probs once before training (no reference model held)")
 
 
@@ -148,7 +179,7 @@ class DPO(Algorithm):
         c = self.cfg
         losses, r_chosen, r_rejected = preference_loss(chosen, rejected, ref_chosen, ref_rejected, chosen_len,
                                                        rejected_len, c.beta, c.loss_type, c.label_smoothing,
-                                                       c.simpo_gamma)
+                                                       c.simpo_gamma, c.rpo_alpha)
         return losses.mean(), {
             "rewards/chosen": float(r_chosen.mean()), "rewards/rejected": float(r_rejected.mean()),
             "rewards/accuracy": float((r_chosen > r_rejected).float().mean()),
@@ -156,7 +187,7 @@ class DPO(Algorithm):
             "logps/chosen": float(chosen.detach().mean()), "logps/rejected": float(rejected.detach().mean()),
         }
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = True) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.eval_pairs:
             ref = self.eval_ref_logps
@@ -165,17 +196,14 @@ class DPO(Algorithm):
             metrics.update(implicit_reward_accuracy(self.policy, self.eval_pairs, ref, self.cfg.beta,
                                                     self.tokenizer.pad_id, self.cfg.loss_type, self.cfg.simpo_gamma))
         if self.eval_prompts:
-            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens))
+            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens,
+                                        sampled=final))
         return metrics
 
 def run(cfg: DPOConfig) -> dict[str, float]:
     if not cfg.data or not cfg.model:
         raise ValueError("dpo: set `model` (the SFT model dir) and `data` (preference JSONL)")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
-    check_vocab(policy, tokenizer.vocab_size, cfg.model)
+    tokenizer, policy, device = load_start(cfg)
     if (cfg.precompute_ref and not cfg.ref_model) or cfg.loss_type == "simpo":
         reference = policy  # log-probs taken once before the first update (SimPO needs none)
     else:

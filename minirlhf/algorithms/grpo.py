@@ -1,11 +1,13 @@
-"""GRPO (Shao et al., 2024) and the variants that differ only in the advantage or the aggregation.
+"""GRPO (Shao et al., 2024) and the variants that differ in the advantage, the surrogate or the aggregation.
 
 Per prompt, G completions are sampled; each gets the advantage (r - mean_group) / (std_group + ε) on every
-token (`scale_rewards`: group | batch | none). The loss is the clipped surrogate with separate ε_low /
-ε_high plus β·k3 KL to the reference, aggregated per `loss_type`:
-    grpo     token mean per sequence, then mean over sequences
-    dapo     token mean over the batch (Yu et al., 2025)
-    dr_grpo  token sum / (sequences x max_new_tokens) (Liu et al., 2025)
+token (`scale_rewards`: group | batch | none). The loss is a policy-gradient surrogate plus β·k3 KL to the
+reference, three independent choices (policy_gradient.py):
+    surrogate                  clip (PPO/GRPO, ε_low / ε_high, optional two-sided `clip_delta`) | cispo | sapo
+    importance_sampling_level  token | sequence (GSPO's length-normalised sequence ratio)
+    aggregation                sequence_mean | token_mean | local_token_mean | constant | sequence_sum
+`loss_type` is a preset with TRL's names (LOSS_PRESETS: grpo, bnpo, dapo, dr_grpo, cispo, sapo, luspo; and gspo)
+that sets all three; `surrogate`, `importance_sampling_level` and `aggregation` override its parts.
 `advantage` swaps the baseline: `rloo` = leave-one-out (Ahmadian et al., 2024); `reinforce_pp` =
 REINFORCE++ (Hu, 2025): token KL folded into the reward (k1), undiscounted returns, advantages whitened
 over the global batch. `skip_zero_variance` drops groups whose G rewards are all equal (no signal).
@@ -22,39 +24,70 @@ from ..config import field
 from ..train.loop import train
 from .online import OnlineConfig, OnlineRL, load_online
 from .policy_gradient import (
-    aggregate,
+    Aggregation,
+    PolicyLoss,
+    RatioLevel,
+    Surrogate,
     aggregate_units,
-    clipped_surrogate,
     discounted_returns,
     group_advantages,
+    high_entropy_mask,
     kl_estimate,
     masked_whiten,
+    policy_gradient_loss,
     rloo_advantages,
 )
+
+LossPreset = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "gspo", "luspo"]
+# TRL 1.16's GRPOTrainer `loss_type` names (plus gspo, which TRL spells importance_sampling_level=sequence) as
+# (surrogate, aggregation, importance_sampling_level); tests/test_policy_gradient.py checks each against TRL.
+LOSS_PRESETS: dict[str, tuple[Surrogate, Aggregation, RatioLevel]] = {
+    "grpo": ("clip", "sequence_mean", "token"),
+    "bnpo": ("clip", "local_token_mean", "token"),
+    "dapo": ("clip", "token_mean", "token"),
+    "dr_grpo": ("clip", "constant", "token"),
+    "cispo": ("cispo", "token_mean", "token"),
+    "sapo": ("sapo", "sequence_mean", "token"),
+    "gspo": ("clip", "sequence_mean", "sequence"),
+    "luspo": ("clip", "sequence_sum", "sequence"),
+}
 
 
 @dataclass
 class GRPOConfig(OnlineConfig):
     group_size: int = field(4, "G: completions sampled per prompt", min=2)
     scale_rewards: Literal["group", "batch", "none"] = field("group", "divide centred rewards by this std")
-    loss_type: Literal["grpo", "dapo", "dr_grpo"] = field("grpo", "how per-token losses are averaged")
+    loss_type: LossPreset = field("grpo", "preset of surrogate + aggregation (+ ratio level) by TRL's names: grpo, "
+                                          "bnpo, dapo, dr_grpo, cispo, sapo, gspo, luspo")
+    surrogate: Surrogate | None = field(None, "per-token loss: clip | cispo | sapo (empty: from loss_type)")
+    aggregation: Aggregation | None = field(None, "average of token losses: sequence_mean | token_mean | "
+                                                  "local_token_mean | constant | sequence_sum (empty: from loss_type)")
+    importance_sampling_level: RatioLevel | None = field(None, "token | sequence ratios (GSPO) (empty: from loss_type)")
+    cispo_max_ratio: float = field(5.0, "cispo: cap ε_max of the detached importance weight (ScaleRL: 5)", gt=0)
+    sapo_temperature_pos: float = field(1.0, "sapo: gate temperature where the advantage is positive", gt=0)
+    sapo_temperature_neg: float = field(1.05, "sapo: gate temperature where it is not", gt=0)
+    top_entropy_quantile: float = field(1.0, "train the surrogate on this share of each micro-batch's tokens, those "
+                                             "of highest entropy (1 = all; 0.2 in Wang et al., 2025)", gt=0, max=1)
+    kl_bias_correction: bool = field(False, "weight the KL term by the importance ratio (DeepSeek-V3.2; TRL's "
+                                            "use_bias_correction_kl, on by default there)")
     advantage: Literal["grpo", "rloo", "reinforce_pp"] = field("grpo", "baseline / advantage estimator")
     skip_zero_variance: bool = field(False, "drop groups whose rewards are all equal")
 
 
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-              eps_low: float, eps_high: float, kl: torch.Tensor | None = None, beta: float = 0.0,
-              loss_type: str = "grpo", max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped surrogate + β·KL per token, aggregated by loss_type. Returns (loss, clip indicator)."""
-    per_token, clipped = clipped_surrogate(logps, old_logps, advantages, eps_low, eps_high)
-    if kl is not None and beta > 0:
-        per_token = per_token + beta * kl
-    return aggregate(per_token, mask, loss_type, max_len), clipped
+def policy_loss_spec(cfg: GRPOConfig) -> PolicyLoss:
+    """The loss `cfg` asks for: its `loss_type` preset, with any part set explicitly taking precedence."""
+    surrogate, aggregation, level = LOSS_PRESETS[cfg.loss_type]
+    return PolicyLoss(surrogate=cfg.surrogate or surrogate, aggregation=cfg.aggregation or aggregation,
+                      importance_sampling_level=cfg.importance_sampling_level or level,
+                      eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, clip_delta=cfg.clip_delta,
+                      cispo_max_ratio=cfg.cispo_max_ratio, sapo_temperature_pos=cfg.sapo_temperature_pos,
+                      sapo_temperature_neg=cfg.sapo_temperature_neg, kl_bias_correction=cfg.kl_bias_correction)
 
 
 class GRPO(OnlineRL):
     def __init__(self, *args, cfg: GRPOConfig) -> None:
         self.samples_per_prompt = cfg.group_size
+        self.loss_spec = policy_loss_spec(cfg)
         super().__init__(*args, cfg=cfg)
 
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -86,13 +119,15 @@ class GRPO(OnlineRL):
         cfg: GRPOConfig = self.cfg
         terms = self.policy_terms(batch)
         kl_in_loss = terms.get("kl") if cfg.advantage != "reinforce_pp" else None
-        loss, clipped = grpo_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
-                                  cfg.clip_eps_low, cfg.clip_eps_high, kl_in_loss, cfg.beta, cfg.loss_type,
-                                  cfg.max_new_tokens)
+        forking = None
+        if cfg.top_entropy_quantile < 1:  # per micro-batch (as TRL): not exact under gradient accumulation
+            forking = high_entropy_mask(terms["entropy"], terms["mask"], cfg.top_entropy_quantile)
+        loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
+                                             self.loss_spec, kl_in_loss, cfg.beta, cfg.max_new_tokens, forking)
         return loss, self.common_metrics(terms, clipped)
 
     def loss_weight(self, batch) -> float:
-        return aggregate_units(batch["completion_mask"][:, 1:], self.cfg.loss_type)
+        return aggregate_units(batch["completion_mask"][:, 1:], self.loss_spec.aggregation)
 
 
 def run(cfg: GRPOConfig) -> dict[str, float]:

@@ -26,12 +26,14 @@ from ..errors import SetupError
 from ..eval import task_metrics
 from ..generation import SamplingConfig, generate
 from ..logprobs import completion_logprobs, masked_mean
-from ..model import check_vocab, frozen_reference, load_policy, load_scalar_model
+from ..model import frozen_reference, load_policy, load_scalar_model
 from ..rewards import RewardModelReward, build_reward
+from ..rewards.base import overlong_penalty
 from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything
+from ..train.loop import Algorithm, TrainConfig
+from ..train.start import load_start
 from .policy_gradient import kl_estimate
 
 
@@ -70,6 +72,13 @@ class OnlineConfig(TrainConfig):
     beta: float = field(0.04, "KL coefficient β (0 = no reference model is loaded)", min=0)
     clip_eps_low: float = field(0.2, "ε_low: ratio clipped below at 1 - ε_low", gt=0)
     clip_eps_high: float = field(0.2, "ε_high: ratio clipped above at 1 + ε_high (DAPO clip-higher: 0.28)", gt=0)
+    clip_delta: float | None = field(None, "two-sided clipping: the unclipped ratio is capped at δ too (INTELLECT-2; "
+                                           "use > 1 + clip_eps_high)", gt=1)
+    mask_truncated_completions: bool = field(False, "completions that hit max_new_tokens without EOS get no loss "
+                                                    "(DAPO); their rewards still count in group baselines")
+    overlong_buffer: int = field(0, "DAPO soft overlong punishment: the reward falls linearly over the last N tokens "
+                                    "of max_new_tokens (0 = off)", min=0)
+    overlong_penalty: float = field(1.0, "the reward lost by a completion of max_new_tokens tokens", min=0)
     max_new_tokens_eval: int = field(48, "generation budget for held-out accuracy", min=1)
     generation_backend: Literal["native", "vllm"] = field(
         "native", "rollouts from our KV-cache sampler, or from vLLM (CUDA + `pip install vllm`), weights synced")
@@ -176,18 +185,27 @@ class OnlineRL(Algorithm):
         nonfinite = float((~torch.isfinite(rewards)).sum())  # NaN counts as 0, ±inf as ±reward_clip
         check_reward_signal(self.reward, len(rows), nonfinite, rollout, self.cfg.unusable_reward_warning)
         rewards = rewards.nan_to_num(0.0).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
+        lengths = out.completion_mask.sum(1)
+        if self.cfg.overlong_buffer:
+            rewards = rewards + overlong_penalty(lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer,
+                                                 self.cfg.overlong_penalty)
+        truncated = ~((out.completion_ids == self.tokenizer.eos_id) & out.completion_mask.bool()).any(1)
+        completion_mask = out.full_completion_mask
+        if self.cfg.mask_truncated_completions:
+            completion_mask = completion_mask * ~truncated[:, None]
         exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
-               "completion_mask": out.full_completion_mask, "rewards": rewards,
+               "completion_mask": completion_mask, "rewards": rewards, "lengths": lengths.float(),
+               "truncated": truncated.float(),
                "prompt_index": torch.as_tensor(rows, device=self.device)}
         if self.updates_per_rollout > 1 or self.needs_old_logps:
             exp["old_logps"] = self._logprobs(self.policy, exp)[0]
         if self.reference is not None:
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
         exp = distributed.gather_rows(exp)
-        rewards, mask = exp["rewards"], exp["completion_mask"][:, 1:].float()
+        rewards = exp["rewards"]
         stats = {**self.advantages(exp), "reward/nonfinite": nonfinite}
         stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                 "completion_len": float(mask.sum(1).mean())})
+                      "completion_len": float(exp["lengths"].mean()), "truncated": float(exp["truncated"].mean())})
         for name, part in getattr(self.reward, "last_parts", {}).items():
             stats[f"reward/{name}"] = float(part.mean())
         for fn, _ in getattr(self.reward, "parts", []):
@@ -252,7 +270,7 @@ class OnlineRL(Algorithm):
         self.history = self.history[-256:] + [{k: metrics[k] for k in ("reward", "kl") if k in metrics}]
         return metrics
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = True) -> dict[str, float]:
         metrics: dict[str, float] = {}
         recent = self.history[-5 * self.updates_per_rollout:]
         for key in ("reward", "kl"):
@@ -260,7 +278,8 @@ class OnlineRL(Algorithm):
             if values:
                 metrics[key] = sum(values) / len(values)
         if self.eval_prompts:
-            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens_eval))
+            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens_eval,
+                                        sampled=final))
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -286,11 +305,7 @@ def load_online(cfg: OnlineConfig):
     """Tokenizer, policy, reference (None when β = 0), reward, prompts and held-out prompts for a run."""
     if not cfg.model or not cfg.data:
         raise ValueError("set `model` (the starting policy dir) and `data` (prompt JSONL)")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
-    policy = load_policy(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
-    check_vocab(policy, tokenizer.vocab_size, cfg.model)
+    tokenizer, policy, device = load_start(cfg)
     reference = frozen_reference(policy, cfg.ref_model, cfg.model, device) if cfg.beta > 0 else None
 
     def reward_model():

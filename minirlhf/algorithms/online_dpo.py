@@ -17,10 +17,9 @@ import torch
 
 from ..config import field
 from ..data.pairs import load_pairs, tokenize_pairs
-from ..eval import pair_sequence_logprobs
 from ..rewards.judge import PairwiseJudge
 from ..train.loop import train
-from .dpo import LossType, implicit_reward_accuracy, preference_loss
+from .dpo import LossType, implicit_reward_accuracy, pair_sequence_logprobs, preference_loss
 from .online import OnlineConfig, OnlineRL, judge_backend, load_online
 
 
@@ -105,8 +104,8 @@ class OnlineDPO(OnlineRL):
     def loss_weight(self, batch) -> float:
         return float(batch["pair_valid"].view(-1, 2)[:, 0].sum())  # the loss is a mean over usable pairs
 
-    def evaluate(self) -> dict[str, float]:
-        metrics = super().evaluate()
+    def evaluate(self, final: bool = True) -> dict[str, float]:
+        metrics = super().evaluate(final)
         if self.eval_pairs:
             metrics.update(implicit_reward_accuracy(self.policy, self.eval_pairs, self.eval_ref_logps,
                                                     self.cfg.beta, self.tokenizer.pad_id, self.cfg.loss_type))

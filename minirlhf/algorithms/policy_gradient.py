@@ -10,11 +10,32 @@ Divergence", with log-ratio lr = log π_ref - log π (samples drawn from π):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-Aggregation = Literal["grpo", "dapo", "dr_grpo"]
+# The three choices of a policy-gradient loss, each one idea (TRL's `loss_type` names a combination; the presets in
+# grpo.py map those names onto these):
+Surrogate = Literal["clip", "cispo", "sapo"]  # how a token's loss is formed from its ratio and advantage
+RatioLevel = Literal["token", "sequence"]  # an importance ratio per token, or one per sequence (GSPO)
+Aggregation = Literal["sequence_mean", "token_mean", "local_token_mean", "constant", "sequence_sum"]
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """One policy-gradient loss: surrogate x importance-ratio level x aggregation, and their parameters."""
+
+    surrogate: Surrogate = "clip"
+    importance_sampling_level: RatioLevel = "token"
+    aggregation: Aggregation = "sequence_mean"
+    eps_low: float = 0.2  # clip: ratio clipped below at 1 - eps_low
+    eps_high: float = 0.2  # clip: ratio clipped above at 1 + eps_high
+    clip_delta: float | None = None  # clip: two-sided clipping, the unclipped ratio capped at delta
+    cispo_max_ratio: float = 5.0  # cispo: the importance weight's cap (ε_max)
+    sapo_temperature_pos: float = 1.0  # sapo: gate temperature where A > 0
+    sapo_temperature_neg: float = 1.05  # sapo: gate temperature where A <= 0
+    kl_bias_correction: bool = False  # weight the KL term by ρ: an unbiased reverse-KL gradient off-policy
 
 
 def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: Literal["k1", "k2", "k3"] = "k3") -> torch.Tensor:
@@ -27,38 +48,115 @@ def kl_estimate(logps: torch.Tensor, ref_logps: torch.Tensor, kind: Literal["k1"
     return torch.exp(log_ratio) - log_ratio - 1
 
 
-def clipped_surrogate(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
-                      eps_low: float, eps_high: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's per-token loss -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A), ρ = π/π_old (Schulman et al., 2017;
-    separate ε_high is DAPO's clip-higher, Yu et al., 2025). Returns (loss, 1 where the clip was active)."""
-    ratio = torch.exp(logps - old_logps)
-    unclipped = ratio * advantages
+def importance_log_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: torch.Tensor,
+                         level: RatioLevel = "token") -> torch.Tensor:
+    """log ρ with ρ = π/π_old: per token (B, T-1), or GSPO's length-normalised sequence ratio
+    log ρ_i = (1/|y_i|) Σ_t (log π - log π_old)_t, one per sequence (B, 1) (Zheng et al., 2025)."""
+    log_ratio = logps - old_logps
+    if level == "token":
+        return log_ratio
+    return ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
+
+
+def clip_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float,
+                   delta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's per-token loss -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) (Schulman et al., 2017; a separate ε_high is
+    DAPO's clip-higher, Yu et al., 2025). `delta` also caps the unclipped ρ at δ, so a negative advantage on an
+    exploding ratio cannot give an unbounded loss (two-sided clipping, INTELLECT-2, 2025).
+    Returns (loss, 1 where the clip was active)."""
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * advantages
+    unclipped = (ratio if delta is None else torch.clamp(ratio, max=delta)) * advantages
     return -torch.minimum(unclipped, clipped), (clipped < unclipped).float()
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "dapo",
+def cispo_surrogate(log_ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, max_ratio: float
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """CISPO's per-token loss -sg(min(ρ, ε_max)) · A · log π: the importance weight is capped and detached instead
+    of the update being clipped, so every token keeps its gradient (MiniMax-M1, 2025; ScaleRL, 2025).
+    Returns (loss, 1 where the weight was capped)."""
+    ratio = torch.exp(log_ratio)
+    weight = torch.clamp(ratio, max=max_ratio).detach()
+    return -weight * advantages * logps, (ratio > max_ratio).float()
+
+
+def sapo_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, temperature_pos: float,
+                   temperature_neg: float) -> torch.Tensor:
+    """SAPO's per-token loss -(4/τ) σ(τ(ρ - 1)) · A: a smooth gate instead of a hard clip; its slope is 1 at ρ = 1
+    (the plain policy gradient on-policy) and fades off-policy; τ_pos where A > 0, τ_neg elsewhere (Soft
+    Adaptive Policy Optimization, Gao et al., 2025)."""
+    tau = torch.where(advantages > 0, temperature_pos, temperature_neg)
+    return -torch.sigmoid(tau * (torch.exp(log_ratio) - 1)) * 4 / tau * advantages
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token_mean",
               max_len: int | None = None) -> torch.Tensor:
     """Reduce a per-token loss to a scalar.
-    grpo:    mean over tokens of each sequence, then over sequences (Shao et al., 2024)
-    dapo:    mean over all tokens of the batch (Yu et al., 2025)
-    dr_grpo: sum over tokens / (sequences * max_len), no length bias (Liu et al., 2025)
+    sequence_mean     mean over each sequence's tokens, then over sequences (GRPO, Shao et al., 2024)
+    token_mean        mean over every token of the step, all micro-batches and ranks together (DAPO, Yu et al., 2025)
+    local_token_mean  mean over each micro-batch's tokens, micro-batches weighted alike (TRL's bnpo)
+    constant          token sum / (sequences x max_len): no length bias (Dr. GRPO, Liu et al., 2025)
+    sequence_sum      each sequence's token sum, mean over sequences: a sequence weighs its length (LUSPO, 2026)
     Rows whose mask is all 0 (e.g. skipped groups) do not count as sequences."""
     masked = per_token * mask
-    rows = (mask.sum(1) > 0).float()
-    if how == "grpo":
-        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / rows.sum().clamp(min=1)
-    if how == "dapo":
+    rows = (mask.sum(1) > 0).float().sum().clamp(min=1)
+    if how == "sequence_mean":
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / rows
+    if how in ("token_mean", "local_token_mean"):
         return masked.sum() / mask.sum().clamp(min=1)
-    if how == "dr_grpo":
-        return masked.sum() / (rows.sum().clamp(min=1) * (max_len or per_token.shape[1]))
+    if how == "constant":
+        return masked.sum() / (rows * (max_len or per_token.shape[1]))
+    if how == "sequence_sum":
+        return masked.sum() / rows
     raise ValueError(f"unknown aggregation {how!r}")
 
 
-def aggregate_units(mask: torch.Tensor, how: Aggregation = "dapo") -> float:
-    """How many units `aggregate(..., how)` averages over (tokens for dapo, sequences otherwise): the weight
-    that makes data-parallel ranks average to the global-batch loss."""
-    return float(mask.sum()) if how == "dapo" else float((mask.sum(1) > 0).sum())
+def aggregate_units(mask: torch.Tensor, how: Aggregation = "token_mean") -> float:
+    """How many units `aggregate(..., how)` averages over: tokens for token_mean, 1 for local_token_mean (each
+    micro-batch weighs the same), sequences otherwise. The loop weights micro-batches and ranks by it, so the
+    accumulated gradient is the gradient of the whole step's loss."""
+    if how == "token_mean":
+        return float(mask.sum())
+    if how == "local_token_mean":
+        return 1.0
+    return float((mask.sum(1) > 0).sum())
+
+
+def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, share: float) -> torch.Tensor:
+    """1 on the `share` of masked tokens with the highest entropy, 0 elsewhere (ties at the threshold kept): the
+    "forking" tokens where the policy decides; training on the top 20% alone matches training on all (Wang et
+    al., 2025, "Beyond the 80/20 rule"). The threshold is the (1 - share) quantile over this batch's tokens."""
+    values = entropy[mask.bool()]
+    if values.numel() == 0:
+        return torch.zeros_like(mask)
+    threshold = torch.quantile(values.float(), 1 - share)
+    return ((entropy >= threshold) & mask.bool()).float()
+
+
+def policy_gradient_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                         spec: PolicyLoss, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
+                         max_len: int | None = None, policy_mask: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`spec`'s surrogate per token, plus kl_coef · kl (times ρ with `kl_bias_correction`: samples come from π_old,
+    so the KL to the reference needs the importance weight too, DeepSeek-V3.2, 2025), aggregated by
+    `spec.aggregation` over `mask`. `policy_mask` (e.g. `high_entropy_mask`) keeps the surrogate on some tokens
+    only; the KL term and the average still cover all of `mask`, as in TRL.
+    Returns (loss, per-token 0/1 where the ratio was clipped or the weight capped)."""
+    log_ratio = importance_log_ratio(logps, old_logps, mask, spec.importance_sampling_level)
+    if spec.surrogate == "clip":
+        per_token, clipped = clip_surrogate(log_ratio, advantages, spec.eps_low, spec.eps_high, spec.clip_delta)
+    elif spec.surrogate == "cispo":
+        per_token, clipped = cispo_surrogate(log_ratio, logps, advantages, spec.cispo_max_ratio)
+    elif spec.surrogate == "sapo":
+        per_token = sapo_surrogate(log_ratio, advantages, spec.sapo_temperature_pos, spec.sapo_temperature_neg)
+        clipped = torch.zeros_like(logps)
+    else:
+        raise ValueError(f"unknown surrogate {spec.surrogate!r}")
+    if policy_mask is not None:
+        per_token = per_token * policy_mask
+    if kl is not None and kl_coef > 0:
+        per_token = per_token + kl_coef * (kl * torch.exp(log_ratio) if spec.kl_bias_correction else kl)
+    return aggregate(per_token, mask, spec.aggregation, max_len), clipped.expand_as(logps)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group",

@@ -24,7 +24,7 @@ from ..model import load_scalar_model
 from ..model.heads import has_scalar_head
 from ..train.loop import train
 from .online import OnlineConfig, OnlineRL, load_online
-from .policy_gradient import aggregate, clipped_surrogate, gae, kl_estimate, masked_whiten
+from .policy_gradient import aggregate, clip_surrogate, gae, kl_estimate, masked_whiten
 
 
 @dataclass
@@ -101,9 +101,9 @@ class PPO(OnlineRL):
     def loss(self, batch):
         cfg: PPOConfig = self.cfg
         terms = self.policy_terms(batch)
-        per_token, clipped = clipped_surrogate(terms["logps"], terms["old_logps"], batch["advantages"],
-                                               cfg.clip_eps_low, cfg.clip_eps_high)
-        policy_loss = aggregate(per_token, terms["mask"], "dapo")
+        per_token, clipped = clip_surrogate(terms["logps"] - terms["old_logps"], batch["advantages"],
+                                            cfg.clip_eps_low, cfg.clip_eps_high, cfg.clip_delta)
+        policy_loss = aggregate(per_token, terms["mask"], "token_mean")
         value_loss, value_clip_frac = ppo_value_loss(self._values(batch), batch["values"], batch["returns"],
                                                      terms["mask"], cfg.value_clip)
         metrics = self.common_metrics(terms, clipped)

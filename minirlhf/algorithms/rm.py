@@ -14,11 +14,11 @@ from ..config import field
 from ..data.batching import StepBatches
 from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
 from ..eval import reward_model_accuracy
-from ..model import check_vocab, load_scalar_model
 from ..model.heads import ScalarHeadModel
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
+from ..train.loop import Algorithm, TrainConfig, train
+from ..train.start import load_start
 
 
 def bradley_terry_loss(chosen: torch.Tensor, rejected: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
@@ -62,7 +62,7 @@ class RewardModelTraining(Algorithm):
         return loss, {"accuracy": float((chosen > rejected).float().mean()),
                       "margin": float((chosen - rejected).mean()), "reward/chosen": float(chosen.mean())}
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = True) -> dict[str, float]:
         if not self.eval_pairs:
             return {}
         return reward_model_accuracy(self.model, self.eval_pairs, self.tokenizer.pad_id)
@@ -71,11 +71,7 @@ class RewardModelTraining(Algorithm):
 def run(cfg: RMConfig) -> dict[str, float]:
     if not cfg.data or not cfg.model:
         raise ValueError("rm: set `model` (the SFT model dir) and `data` (preference JSONL)")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
-    model = load_scalar_model(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
-    check_vocab(model.backbone, tokenizer.vocab_size, cfg.model)
+    tokenizer, model, _ = load_start(cfg, scalar_head=True)
     pairs = tokenize_pairs(tokenizer, load_pairs(cfg.data), cfg.max_len)
     eval_pairs = []
     if cfg.eval_data:

@@ -16,12 +16,14 @@ import torch
 from ..config import field
 from ..data.batching import StepBatches, pack, pad_right
 from ..data.formats import DataError, load_pretrain, load_prompts, load_sft
-from ..eval import judge_agreement, task_metrics
+from ..eval import task_metrics
 from ..logprobs import gather_logprobs
-from ..model import MiniMindLM, check_vocab, load_policy, preset
+from ..model import MiniMindLM, preset
+from ..rewards.judge import judge_agreement
 from ..tokenizer import Tokenizer
 from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
+from ..train.start import load_start
 
 
 def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
@@ -81,13 +83,13 @@ class LanguageModeling(Algorithm):
     def loss_weight(self, batch) -> float:
         return float(batch[2][:, 1:].sum())  # lm_loss is a mean over target tokens
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = True) -> dict[str, float]:
         if not self.eval_examples:
             return {}
         if self.cfg.mode == "sft" and self.cfg.eval_kind == "judge":
             return judge_agreement(self.model, self.tokenizer, self.eval_examples)
         if self.cfg.mode == "sft":
-            return task_metrics(self.model, self.tokenizer, self.eval_examples, self.cfg.max_new_tokens)
+            return task_metrics(self.model, self.tokenizer, self.eval_examples, self.cfg.max_new_tokens, sampled=final)
         losses = [float(self.loss(self._collate(self.eval_examples[i:i + 32]))[0])
                   for i in range(0, len(self.eval_examples), 32)]
         return {"loss": sum(losses) / len(losses)}
@@ -115,13 +117,12 @@ def build(cfg: LMConfig) -> LanguageModeling:
     """Load data, tokenizer and model for a pretrain/SFT run."""
     if not cfg.data:
         raise ValueError(f"{cfg.mode}: set `data` to a JSONL file")
-    seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    tokenizer = Tokenizer.load(cfg.tokenizer or cfg.model)
     if cfg.model:
-        model = load_policy(cfg.model, device, cfg.lora, cfg.gradient_checkpointing)
-        check_vocab(model, tokenizer.vocab_size, cfg.model)
-    else:
+        tokenizer, model, device = load_start(cfg)
+    else:  # pretraining from scratch: a new model sized for the tokenizer
+        seed_everything(cfg.seed)
+        device = resolve_device(cfg.device)
+        tokenizer = Tokenizer.load(cfg.tokenizer)
         model = MiniMindLM(preset(cfg.preset, vocab_size=tokenizer.vocab_size)).to(device)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -19,9 +19,8 @@ import torch
 from ..config import field
 from ..logprobs import masked_mean
 from ..train.loop import train
-from .grpo import grpo_loss
 from .online import OnlineConfig, OnlineRL, load_online
-from .policy_gradient import aggregate_units
+from .policy_gradient import PolicyLoss, aggregate_units, policy_gradient_loss
 
 
 @dataclass
@@ -37,17 +36,18 @@ class SPOConfig(OnlineConfig):
 
 
 class BetaValueTracker:
-    """Beta(α, β) success-rate trackers with KL-adaptive forgetting; one slot per prompt (or a single one)."""
+    """Beta(α, β) success-rate trackers with KL-adaptive forgetting; one slot per prompt (or a single one).
+    α and β are discounted counts of successes and failures, so they are named so."""
 
     def __init__(self, slots: int, d_half: float, rho_min: float, rho_max: float) -> None:
         n_init = 1.0 / (1.0 - rho_min)  # pseudo-counts at the forgetting horizon of ρ_min (MiniMind's choice)
-        self.alpha = torch.full((slots,), 0.5 * n_init)
-        self.beta = torch.full((slots,), 0.5 * n_init)
+        self.successes = torch.full((slots,), 0.5 * n_init)
+        self.failures = torch.full((slots,), 0.5 * n_init)
         self.last_logp = torch.full((slots,), float("nan"))
         self.d_half, self.rho_min, self.rho_max = d_half, rho_min, rho_max
 
     def value(self, slots: torch.Tensor) -> torch.Tensor:
-        return self.alpha[slots] / (self.alpha[slots] + self.beta[slots])
+        return self.successes[slots] / (self.successes[slots] + self.failures[slots])
 
     def update(self, slots: torch.Tensor, rewards01: torch.Tensor, mean_logp: torch.Tensor) -> torch.Tensor:
         """Apply one observation per slot (repeated slots are averaged); returns the ρ used."""
@@ -57,16 +57,17 @@ class BetaValueTracker:
         logp = torch.zeros(len(slots)).index_add_(0, inverse, mean_logp) / counts
         drift = (logp - self.last_logp[slots]).abs().nan_to_num(0.0)
         rho = torch.clamp(2.0 ** (-drift / self.d_half), self.rho_min, self.rho_max)
-        self.alpha[slots] = rho * self.alpha[slots] + reward
-        self.beta[slots] = rho * self.beta[slots] + (1 - reward)
+        self.successes[slots] = rho * self.successes[slots] + reward
+        self.failures[slots] = rho * self.failures[slots] + (1 - reward)
         self.last_logp[slots] = logp
         return rho
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"alpha": self.alpha, "beta": self.beta, "last_logp": self.last_logp}
+        return {"successes": self.successes, "failures": self.failures, "last_logp": self.last_logp}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.alpha, self.beta, self.last_logp = state["alpha"], state["beta"], state["last_logp"]
+        self.successes, self.failures = state["successes"], state["failures"]
+        self.last_logp = state["last_logp"]
 
 
 class SPO(OnlineRL):
@@ -108,12 +109,14 @@ class SPO(OnlineRL):
     def loss(self, batch):
         cfg: SPOConfig = self.cfg
         terms = self.policy_terms(batch)
-        loss, clipped = grpo_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
-                                  cfg.clip_eps_low, cfg.clip_eps_high, terms.get("kl"), cfg.beta, "grpo")
+        spec = PolicyLoss(aggregation="sequence_mean", eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high,
+                          clip_delta=cfg.clip_delta)
+        loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
+                                             spec, terms.get("kl"), cfg.beta)
         return loss, self.common_metrics(terms, clipped)
 
     def loss_weight(self, batch) -> float:
-        return aggregate_units(batch["completion_mask"][:, 1:], "grpo")
+        return aggregate_units(batch["completion_mask"][:, 1:], "sequence_mean")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "tracker": self.tracker.state_dict()}

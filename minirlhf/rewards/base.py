@@ -56,6 +56,13 @@ class WorkingReward:
         return torch.tensor([float(equations_hold(c) is True) for c in completions])
 
 
+def overlong_penalty(lengths: torch.Tensor, max_new_tokens: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al., 2025), added to the reward: 0 for completions of at most
+    max_new_tokens - buffer tokens, then falling linearly with each token to -penalty at max_new_tokens."""
+    start = max_new_tokens - buffer
+    return -penalty * (lengths.float() - start).clamp(min=0) / max(buffer, 1)
+
+
 class RewardModelReward:
     """r(x, y) from a Bradley–Terry reward model, read at the last token of prompt + response + EOS."""
 

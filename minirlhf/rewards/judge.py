@@ -36,9 +36,9 @@ import torch
 from torch import nn
 
 from ..data.formats import Message
-from ..data.task import judge_prompt, quote_data
-from ..eval import generate_responses
-from ..generation import SamplingConfig
+from ..data.task import JUDGE_THRESHOLD, judge_prompt, quote_data
+from ..eval import standard_error
+from ..generation import SamplingConfig, generate_responses
 from ..tokenizer import Tokenizer
 
 CACHE_SIZE = 100_000  # judge answers kept per judge; about 100 MB of messages at most
@@ -247,3 +247,21 @@ class PairwiseJudge(_AskingJudge):
         self.stats["judge/inconsistent"] = float(sum(f is not None and f == s for f, s in verdicts))
         return torch.tensor([1.0 if v == (1, 2) else 0.0 if v == (2, 1) else 0.5 for v in verdicts],
                             dtype=torch.float32)
+
+
+def judge_agreement(judge: nn.Module, tokenizer: Tokenizer, conversations: Sequence[Sequence[Message]],
+                    threshold: int = JUDGE_THRESHOLD, max_new_tokens: int = 8) -> dict[str, float]:
+    """How often a generative judge's "Score: N" falls on the same side of `threshold` as the reference
+    reply (the conversation's last, assistant, turn); unparsable replies count as disagreement."""
+    was_training = judge.training
+    judge.eval()
+    replies = generate_responses(judge, tokenizer, [c[:-1] for c in conversations],
+                                 SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0))
+    judge.train(was_training)
+    agree = parsed = 0
+    for reply, conversation in zip(replies, conversations):
+        score, gold = parse_score(reply), parse_score(conversation[-1]["content"])
+        parsed += score is not None
+        agree += score is not None and gold is not None and (score >= threshold) == (gold >= threshold)
+    n = max(1, len(conversations))
+    return {"agreement": agree / n, "agreement_se": standard_error(agree / n, n), "parse_rate": parsed / n}

@@ -88,7 +88,9 @@ class Algorithm:
         gradient of the whole batch's mean. Computed before any forward pass, from the batch alone."""
         return 1.0
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, final: bool = True) -> dict[str, float]:
+        """Held-out metrics. The loop calls it every `eval_every` steps with final=False (a cheaper evaluation is
+        fine there: it draws the curves) and once at the end with final=True (the stage's result)."""
         return {}
 
     def save(self, name: str, directory: Path, final: bool = False) -> None:
@@ -375,7 +377,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and (log or fsdp):
-            eval_metrics = _evaluate(algo)  # FSDP: every rank runs the same evaluation in lockstep
+            eval_metrics = _evaluate(algo, final=False)  # FSDP: every rank runs the same evaluation in lockstep
             if log:
                 log.log(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if cfg.save_every and done % cfg.save_every == 0:
@@ -388,7 +390,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         print(f"{name}: {skipped} of {cfg.steps} steps were skipped (non-finite loss or gradient); see "
               f"`skipped_nonfinite` in {out_dir / 'metrics.jsonl'}", file=sys.stderr)
     if log or fsdp:  # rank 0 evaluates and writes the result while the others wait (FSDP: all evaluate)
-        eval_metrics = _evaluate(algo)
+        eval_metrics = _evaluate(algo, final=True)
     if log:
         log.log(cfg.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
     with distributed.full_modules(algo):
@@ -410,8 +412,8 @@ def _load_weights(module: nn.Module, directory: Path) -> None:
         load_model(module, str(directory / "model.safetensors"), strict=True)
 
 
-def _evaluate(algo: Algorithm) -> dict[str, float]:
+def _evaluate(algo: Algorithm, final: bool) -> dict[str, float]:
     for m in algo.modules.values():
         m.eval()
     with torch.no_grad():
-        return algo.evaluate()
+        return algo.evaluate(final)
