@@ -71,7 +71,7 @@ def run_ours(initial: MiniMindLM, tokenizer: Tokenizer, prompts: list[PromptExam
                      lr=args.lr, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, seed=args.seed,
                      device="cpu", progress=False, reward="answer:1", prompts_per_rollout=args.prompts,
                      epochs_per_rollout=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     top_k=0, top_p=1.0, beta=args.beta, clip_eps_low=0.2, clip_eps_high=0.2,
+                     top_k=0, top_p=1.0, kl_coef=args.beta, clip_eps_low=0.2, clip_eps_high=0.2,
                      group_size=args.group, scale_rewards="group", loss_type="grpo", advantage="grpo")
     # as `load_online` does: the policy, and a frozen reference loaded from the same weights (β > 0)
     policy = copy.deepcopy(initial).train()

@@ -122,10 +122,24 @@ def _check_type(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
+def _resolve_aliases(fields: dict[str, dataclasses.Field], values: dict[str, Any], where: str) -> dict[str, Any]:
+    """`values` with each field's `alias` (e.g. TRL's `beta` for `kl_coef`) renamed to the field; an alias that is
+    a field of its own in this config (online DPO's `beta`) is that field, not an alias."""
+    values = dict(values)
+    for name, f in fields.items():
+        alias = f.metadata.get("alias")
+        if alias and alias in values and alias not in fields:
+            if name in values:
+                raise ConfigError(f"{where}: set {name} or its alias {alias}, not both")
+            values[name] = values.pop(alias)
+    return values
+
+
 def build_config(cls: type[T], values: dict[str, Any], where: str = "config") -> T:
     """Instantiate dataclass `cls` from `values`, checking keys, types and declared ranges."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = _resolve_aliases(fields, values, where)
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
@@ -178,5 +192,6 @@ def describe(cls: type) -> str:
         if dataclasses.is_dataclass(default):
             lines += [f"  {f.name}.{line.strip()}" for line in describe(type(default)).splitlines()]
         else:
-            lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}")
+            alias = f" (alias: {f.metadata['alias']})" if f.metadata.get("alias") else ""
+            lines.append(f"  {f.name} = {default!r}  # {f.metadata.get('help', '')}{alias}")
     return "\n".join(lines)

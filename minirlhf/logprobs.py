@@ -24,18 +24,19 @@ def gather_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 
 def completion_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         completion_mask: torch.Tensor, temperature: float = 1.0,
-                        return_entropy: bool = False):
+                        return_entropy: bool = False, entropy_grad: bool = False):
     """Per-token log-probs of the completion tokens of prompt+completion sequences.
 
     Returns (logps, mask[, entropy]), each (batch, T-1): logps[i, t] = log pi(ids[i, t+1] | ids[i, :t+1]),
-    zeroed where mask = completion_mask[:, 1:] is 0. Padding may sit on either side.
+    zeroed where mask = completion_mask[:, 1:] is 0. Padding may sit on either side. The entropy of each
+    position's distribution is a detached metric unless `entropy_grad` (an entropy bonus trains on it).
     """
     logits = model(input_ids, attention_mask=attention_mask).logits[:, :-1]
     mask = completion_mask[:, 1:].to(torch.float32)
     logps = gather_logprobs(logits, input_ids[:, 1:], temperature) * mask
     if not return_entropy:
         return logps, mask
-    with torch.no_grad():
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
         log_p = torch.log_softmax(logits.float() / (temperature if temperature > 0 else 1.0), dim=-1)
         entropy = -(log_p.exp() * log_p).sum(-1) * mask
     return logps, mask, entropy

@@ -96,6 +96,27 @@ def test_load_stage_config_reads_a_section_and_overrides_win(tmp_path):
         load_stage_config(TrainConfig, path, "sft", {})
 
 
+def test_kl_coef_is_the_kl_weight_everywhere_and_accepts_trls_beta():
+    """One name per idea: the KL weight of PPO / GRPO / SPO / RLAIF is `kl_coef` (TRL's GRPO spells it `beta`,
+    accepted as an alias); `beta` stays DPO's and online DPO's temperature, a field of its own there."""
+    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.algorithms.online_dpo import OnlineDPOConfig
+    from minirlhf.algorithms.ppo import PPOConfig
+    from minirlhf.algorithms.spo import SPOConfig
+
+    for cls in (GRPOConfig, PPOConfig, SPOConfig):
+        assert build_config(cls, {"kl_coef": 0.2}).kl_coef == 0.2
+        assert build_config(cls, {"beta": 0.3}).kl_coef == 0.3
+        assert not hasattr(build_config(cls, {}), "beta")
+        with pytest.raises(ConfigError, match="set kl_coef or its alias beta, not both"):
+            build_config(cls, {"beta": 0.3, "kl_coef": 0.2}, where="grpo")
+        with pytest.raises(ConfigError, match="kl_coef: -1.0 is below the minimum 0"):
+            build_config(cls, {"beta": -1.0}, where="grpo")
+    online_dpo = build_config(OnlineDPOConfig, {"beta": 0.5})
+    assert online_dpo.beta == 0.5 and not hasattr(online_dpo, "kl_coef")
+    assert "kl_coef = 0.04" in describe(GRPOConfig) and "(alias: beta)" in describe(GRPOConfig)
+
+
 def test_describe_lists_every_field_with_its_help():
     text = describe(TrainConfig)
     assert "  lr = 0.001  # peak learning rate" in text

@@ -74,21 +74,25 @@ GRPO_CASES = [
 ] + [  # every other preset that averages over the whole batch (not bnpo: it weighs micro-batches alike by design)
     {"loss_type": loss_type, "advantage": "grpo", "skip_zero_variance": False}
     for loss_type in ("cispo", "sapo", "gspo", "luspo")
+] + [  # an entropy bonus is averaged like the policy loss, so it accumulates exactly too
+    {"loss_type": loss_type, "advantage": "grpo", "skip_zero_variance": False, "entropy_coef": 0.05}
+    for loss_type in ("grpo", "dapo")
 ]
 
 
 @pytest.mark.parametrize("options", GRPO_CASES, ids=lambda o: "-".join(str(v) for v in o.values()))
 def test_grpo_accumulated_gradient_equals_the_whole_batch_gradient(options, make_model, tokenizer):
     policy = make_model().train()
-    cfg = GRPOConfig(group_size=4, prompts_per_rollout=2, batch_size=ROWS, beta=0.1, max_new_tokens=WIDTH,
+    cfg = GRPOConfig(group_size=4, prompts_per_rollout=2, batch_size=ROWS, kl_coef=0.1, max_new_tokens=WIDTH,
                      **options)
     algo = GRPO(policy, None, tokenizer, PROMPTS, None, [], cfg=cfg)
     assert_accumulation_exact(algo, policy, with_advantages(algo))
 
 
-def test_spo_accumulated_gradient_equals_the_whole_batch_gradient(make_model, tokenizer):
+@pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
+def test_spo_accumulated_gradient_equals_the_whole_batch_gradient(entropy_coef, make_model, tokenizer):
     policy = make_model().train()
-    cfg = SPOConfig(prompts_per_rollout=8, batch_size=ROWS, beta=0.1, tracker="global")
+    cfg = SPOConfig(prompts_per_rollout=8, batch_size=ROWS, kl_coef=0.1, tracker="global", entropy_coef=entropy_coef)
     algo = SPO(policy, None, tokenizer, PROMPTS, None, [], cfg=cfg)
     assert_accumulation_exact(algo, policy, with_advantages(algo))
 
@@ -157,3 +161,22 @@ def test_online_dpo_log_probs_are_at_temperature_one(make_model, tokenizer):
     exp = rollout(policy.config.vocab_size)
     expected, _ = completion_logprobs(policy, exp["input_ids"], exp["attention_mask"], exp["completion_mask"], 1.0)
     torch.testing.assert_close(algo.policy_terms(exp)["logps"], expected)
+
+
+def test_entropy_bonus_subtracts_the_averaged_entropy_and_trains_on_it(make_model, tokenizer):
+    """loss(entropy_coef = c) = loss(0) - c x the entropy averaged like the policy loss, and the bonus has a
+    gradient (the entropy is not detached when it is trained on)."""
+    from minirlhf.algorithms.policy_gradient import aggregate
+
+    policy = make_model().train()
+    losses = {}
+    for coef in (0.0, 0.5):
+        cfg = GRPOConfig(group_size=4, prompts_per_rollout=2, batch_size=ROWS, kl_coef=0.0, max_new_tokens=WIDTH,
+                         entropy_coef=coef)
+        algo = GRPO(policy, None, tokenizer, PROMPTS, None, [], cfg=cfg)
+        exp = with_advantages(algo)
+        losses[coef] = algo.loss(exp)[0]
+    terms = algo.policy_terms(exp, entropy_grad=True)
+    entropy = aggregate(terms["entropy"], terms["mask"], "sequence_mean")
+    assert entropy.requires_grad and entropy.item() > 0
+    assert losses[0.5].item() == pytest.approx(losses[0.0].item() - 0.5 * entropy.item(), abs=1e-5)

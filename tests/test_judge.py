@@ -221,3 +221,27 @@ def test_http_backend_never_raises(flaky_server, monkeypatch):
     judge = PointwiseJudge(HTTPJudgeBackend(closed, "judge", timeout=1.0, backoff=0.01))
     assert torch.equal(judge.score([prompt("q")] * 2, ["a", "b"], [{}] * 2), torch.zeros(2))
     assert judge.stats["judge/backend_errors"] == 2
+
+
+def test_online_dpo_with_the_pairwise_judge_logs_its_verdicts_not_a_constant_reward(start_model_dir):
+    """A pair's "rewards" under the pairwise judge are [p, 1 - p], whose mean is 0.5 whatever the judge says: the
+    rollout reports the judge's counts instead, and the DPO loss reports no clip ratio (it clips nothing)."""
+    from minirlhf.algorithms.online_dpo import OnlineDPO, OnlineDPOConfig
+    from minirlhf.config import build_config
+    from minirlhf.data.formats import PromptExample
+    from minirlhf.model import load_policy
+    from minirlhf.tokenizer import Tokenizer
+
+    cfg = build_config(OnlineDPOConfig, {"model": str(start_model_dir), "data": "unused", "prompts_per_rollout": 2,
+                                         "batch_size": 4, "max_new_tokens": 4, "preference": "judge"}, where="odpo")
+    policy = load_policy(start_model_dir)
+    prompts = [PromptExample([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(2)]
+    judge = PairwiseJudge(StubBackend(lambda m: "Better: 1"))  # always the first position: a tie after the swap
+    algo = OnlineDPO(policy, load_policy(start_model_dir).eval(), Tokenizer.load(start_model_dir), prompts, None, [],
+                     pairwise=judge, eval_pairs=[], cfg=cfg)
+    exp = algo.make_experience(0)
+    stats = algo.rollout_stats
+    assert "reward" not in stats and stats["valid_pairs"] == 0.0
+    assert stats["judge/inconsistent"] == 2.0  # both pairs: the verdict flipped with the order
+    _, metrics = algo.loss(exp)
+    assert "clip_ratio" not in metrics and "reward" not in metrics

@@ -342,3 +342,41 @@ def test_online_dpo_pairs_the_best_and_worst_of_n_samples():
     assert exp["is_chosen"].tolist() == [0, 1, 0, 1, 0, 1]  # (the tie's labels do not matter: it is invalid)
     assert exp["pair_valid"].tolist() == [1, 1, 0, 0, 1, 1]
     assert stats["valid_pairs"] == pytest.approx(2 / 3)
+
+
+def test_reference_sync_hard_copy_restarts_every_dpo_step_at_log2(tmp_path, task_data, start_model_dir):
+    """TR-DPO with α = 1 and a sync after every step: each step starts with π_ref = π, so every step's DPO loss is
+    exactly log 2 (with no sync, only the first is). Precomputed reference log-probs cannot follow a moving
+    reference, so syncing them is refused."""
+    import json
+
+    from minirlhf.config import ConfigError, build_config
+    from minirlhf.stages import STAGES
+
+    cls, run = STAGES["dpo"]
+
+    def dpo(out: str, **values):
+        run(build_config(cls, {"model": str(start_model_dir), "data": str(task_data["pref"]),
+                               "out_dir": str(tmp_path / out), "steps": 3, "batch_size": 4, "lr": 1e-2,
+                               "warmup_steps": 0, "device": "cpu", "progress": False, **values}, where="dpo"))
+        return [json.loads(line) for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    synced = dpo("synced", precompute_ref=False, ref_sync_every=1, ref_mixup_alpha=1.0)
+    assert [r["loss"] for r in synced] == pytest.approx([math.log(2)] * 3, abs=1e-6)
+    assert all(r["ref_synced"] == 1.0 for r in synced)
+    fixed = dpo("fixed", precompute_ref=False)
+    assert fixed[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and fixed[2]["loss"] != pytest.approx(math.log(2))
+    with pytest.raises(ConfigError, match="ref_sync_every needs a reference policy"):
+        dpo("precomputed", ref_sync_every=2)
+
+
+def test_mix_into_reference_by_hand(make_model):
+    from minirlhf.model import mix_into_reference
+
+    reference, policy = make_model(seed=0), make_model(seed=1)
+    before = {n: p.clone() for n, p in reference.named_parameters()}
+    mix_into_reference(reference, policy, 0.25)
+    for name, param in reference.named_parameters():
+        expected = 0.25 * dict(policy.named_parameters())[name] + 0.75 * before[name]
+        torch.testing.assert_close(param, expected)

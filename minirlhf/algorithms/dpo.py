@@ -37,6 +37,7 @@ from ..model import frozen_reference
 from ..tokenizer import Tokenizer
 from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig, train
+from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
@@ -115,7 +116,7 @@ def implicit_reward_accuracy(policy: nn.Module, pairs, ref_logps: tuple[torch.Te
 
 
 @dataclass
-class DPOConfig(TrainConfig):
+class DPOConfig(ReferenceSyncConfig, TrainConfig):
     model: str = field("", "policy dir to start from (usually the SFT model)")
     ref_model: str = field("", "reference policy dir; empty = the starting policy")
     tokenizer: str = field("", "tokenizer dir; empty = the one saved with `model`")
@@ -153,6 +154,7 @@ class DPO(Algorithm):
                 self.eval_ref_logps = pair_sequence_logprobs(reference, eval_pairs, tokenizer.pad_id)[:2]
         elif self.uses_ref:
             self.reference = reference.eval().requires_grad_(False)
+        check_reference_sync(cfg, self.reference, "dpo")
 
     def micro_batches(self, step: int):
         return [(torch.as_tensor(idx), collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_id, self.device))
@@ -169,6 +171,16 @@ class DPO(Algorithm):
 
     def loss_weight(self, item) -> float:
         return float(len(item[0]))  # the loss is a mean over pairs
+
+    def after_step(self, step: int) -> dict[str, float]:
+        return sync_reference(self.cfg, self.reference, self.policy, step)
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference.state_dict()} if self.cfg.ref_sync_every else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.cfg.ref_sync_every:
+            self.reference.load_state_dict(state["reference"])
 
     def loss(self, item):
         idx, batch = item

@@ -22,12 +22,13 @@ import torch
 
 from ..config import field
 from ..train.loop import train
-from .online import OnlineConfig, OnlineRL, load_online
+from .online import OnlineRL, PolicyGradientConfig, load_online
 from .policy_gradient import (
     Aggregation,
     PolicyLoss,
     RatioLevel,
     Surrogate,
+    aggregate,
     aggregate_units,
     discounted_returns,
     group_advantages,
@@ -54,7 +55,7 @@ LOSS_PRESETS: dict[str, tuple[Surrogate, Aggregation, RatioLevel]] = {
 
 
 @dataclass
-class GRPOConfig(OnlineConfig):
+class GRPOConfig(PolicyGradientConfig):
     group_size: int = field(4, "G: completions sampled per prompt", min=2)
     scale_rewards: Literal["group", "batch", "none"] = field("group", "divide centred rewards by this std")
     loss_type: LossPreset = field("grpo", "preset of surrogate + aggregation (+ ratio level) by TRL's names: grpo, "
@@ -101,7 +102,7 @@ class GRPO(OnlineRL):
                 policy_logps = exp.get("old_logps")
                 if policy_logps is None:
                     policy_logps = self._logprobs(self.policy, exp)[0]
-                token_rewards = token_rewards - cfg.beta * kl_estimate(policy_logps, exp["ref_logps"], "k1") * mask
+                token_rewards = token_rewards - cfg.kl_coef * kl_estimate(policy_logps, exp["ref_logps"], "k1") * mask
             exp["advantages"] = masked_whiten(discounted_returns(token_rewards, mask), mask)
             return {}
         if cfg.advantage == "rloo":
@@ -117,13 +118,16 @@ class GRPO(OnlineRL):
 
     def loss(self, batch):
         cfg: GRPOConfig = self.cfg
-        terms = self.policy_terms(batch)
+        terms = self.policy_terms(batch, entropy_grad=cfg.entropy_coef > 0)
         kl_in_loss = terms.get("kl") if cfg.advantage != "reinforce_pp" else None
         forking = None
         if cfg.top_entropy_quantile < 1:  # per micro-batch (as TRL): not exact under gradient accumulation
             forking = high_entropy_mask(terms["entropy"], terms["mask"], cfg.top_entropy_quantile)
         loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
-                                             self.loss_spec, kl_in_loss, cfg.beta, cfg.max_new_tokens, forking)
+                                             self.loss_spec, kl_in_loss, cfg.kl_coef, cfg.max_new_tokens, forking)
+        if cfg.entropy_coef > 0:  # averaged like the policy loss, so gradient accumulation stays exact
+            loss = loss - cfg.entropy_coef * aggregate(terms["entropy"], terms["mask"], self.loss_spec.aggregation,
+                                                       cfg.max_new_tokens)
         return loss, self.common_metrics(terms, clipped)
 
     def loss_weight(self, batch) -> float:

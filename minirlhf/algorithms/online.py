@@ -33,13 +33,14 @@ from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, P
 from ..tokenizer import Tokenizer
 from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig
+from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
 from .policy_gradient import kl_estimate
 
 
 @dataclass
-class OnlineConfig(TrainConfig):
-    """Options shared by PPO, GRPO and SPO. `batch_size` x `grad_accum` sequences make one optimizer step."""
+class OnlineConfig(ReferenceSyncConfig, TrainConfig):
+    """Options shared by every online method. `batch_size` x `grad_accum` sequences make one optimizer step."""
 
     model: str = field("", "policy dir to start from (usually the SFT model)")
     ref_model: str = field("", "reference policy dir for the KL term; empty = the starting policy")
@@ -69,11 +70,6 @@ class OnlineConfig(TrainConfig):
     temperature: float = field(1.0, "sampling temperature (also used when recomputing log-probs)", gt=0)
     top_k: int = field(0, "top-k sampling (0 = off)", min=0)
     top_p: float = field(1.0, "nucleus sampling (1 = off)", gt=0)
-    beta: float = field(0.04, "KL coefficient β (0 = no reference model is loaded)", min=0)
-    clip_eps_low: float = field(0.2, "ε_low: ratio clipped below at 1 - ε_low", gt=0)
-    clip_eps_high: float = field(0.2, "ε_high: ratio clipped above at 1 + ε_high (DAPO clip-higher: 0.28)", gt=0)
-    clip_delta: float | None = field(None, "two-sided clipping: the unclipped ratio is capped at δ too (INTELLECT-2; "
-                                           "use > 1 + clip_eps_high)", gt=1)
     mask_truncated_completions: bool = field(False, "completions that hit max_new_tokens without EOS get no loss "
                                                     "(DAPO); their rewards still count in group baselines")
     overlong_buffer: int = field(0, "DAPO soft overlong punishment: the reward falls linearly over the last N tokens "
@@ -83,6 +79,28 @@ class OnlineConfig(TrainConfig):
     generation_backend: Literal["native", "vllm"] = field(
         "native", "rollouts from our KV-cache sampler, or from vLLM (CUDA + `pip install vllm`), weights synced")
     vllm_gpu_memory: float = field(0.3, "share of GPU memory vLLM may take for weights and KV cache", gt=0)
+
+
+    def needs_reference(self) -> bool:
+        """Whether the method uses the reference policy (a frozen copy is loaded only if so)."""
+        return True
+
+
+@dataclass
+class PolicyGradientConfig(OnlineConfig):
+    """Options of the policy-gradient methods (PPO, GRPO and its variants, SPO, RLAIF)."""
+
+    kl_coef: float = field(0.04, "weight of the KL to the reference (0 = no reference model is loaded)", min=0,
+                           alias="beta")
+    clip_eps_low: float = field(0.2, "ε_low: ratio clipped below at 1 - ε_low", gt=0)
+    clip_eps_high: float = field(0.2, "ε_high: ratio clipped above at 1 + ε_high (DAPO clip-higher: 0.28)", gt=0)
+    clip_delta: float | None = field(None, "two-sided clipping: the unclipped ratio is capped at δ too (INTELLECT-2; "
+                                           "use > 1 + clip_eps_high)", gt=1)
+    entropy_coef: float = field(0.0, "entropy bonus: subtract this x the completion tokens' entropy (averaged like "
+                                     "the policy loss) from the loss, to keep exploring", min=0)
+
+    def needs_reference(self) -> bool:
+        return self.kl_coef > 0
 
 
 class RewardSignalError(SetupError):
@@ -122,6 +140,7 @@ class OnlineRL(Algorithm):
     def __init__(self, policy, reference, tokenizer: Tokenizer, prompts: list[PromptExample], reward,
                  eval_prompts: list[PromptExample], cfg: OnlineConfig) -> None:
         self.policy, self.reference, self.tokenizer, self.cfg = policy, reference, tokenizer, cfg
+        check_reference_sync(cfg, reference, type(self).__name__.lower())
         self.prompts, self.reward, self.eval_prompts = prompts, reward, eval_prompts
         self.modules = {"policy": policy}
         self.device = next(policy.parameters()).device
@@ -156,10 +175,10 @@ class OnlineRL(Algorithm):
         n = self.cfg.prompts_per_rollout
         return self.prompt_order.take(rollout * n, n)
 
-    def _logprobs(self, model, exp: dict[str, torch.Tensor], with_entropy: bool = False):
+    def _logprobs(self, model, exp: dict[str, torch.Tensor], with_entropy: bool = False, entropy_grad: bool = False):
         temperature = self.cfg.temperature if self.logprobs_at_sampling_temperature else 1.0
         return completion_logprobs(model, exp["input_ids"], exp["attention_mask"], exp["completion_mask"],
-                                   temperature, return_entropy=with_entropy)
+                                   temperature, return_entropy=with_entropy, entropy_grad=entropy_grad)
 
     @torch.no_grad()
     def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
@@ -203,9 +222,8 @@ class OnlineRL(Algorithm):
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
         exp = distributed.gather_rows(exp)
         rewards = exp["rewards"]
-        stats = {**self.advantages(exp), "reward/nonfinite": nonfinite}
-        stats.update({"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
-                      "completion_len": float(exp["lengths"].mean()), "truncated": float(exp["truncated"].mean())})
+        stats = {**self.advantages(exp), **self.reward_stats(rewards), "reward/nonfinite": nonfinite,
+                 "completion_len": float(exp["lengths"].mean()), "truncated": float(exp["truncated"].mean())}
         for name, part in getattr(self.reward, "last_parts", {}).items():
             stats[f"reward/{name}"] = float(part.mean())
         for fn, _ in getattr(self.reward, "parts", []):
@@ -228,6 +246,10 @@ class OnlineRL(Algorithm):
         """Rewards of one rollout's completions (one per row)."""
         return self.reward.score([e.prompt for e in examples], texts, [{"answer": e.answer} for e in examples])
 
+    def reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
+        """The rollout's reward metrics (the mean is also what `evaluate` reports as `reward`)."""
+        return {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0}
+
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         """Add the method's training targets to `exp` (e.g. exp["advantages"], per token); return rollout stats."""
         raise NotImplementedError
@@ -249,22 +271,26 @@ class OnlineRL(Algorithm):
         return [{k: v[rows[i:i + self.cfg.batch_size]] for k, v in self.experience.items()}
                 for i in range(0, len(rows), self.cfg.batch_size)]
 
-    def policy_terms(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Current log-probs, old log-probs (detached current ones when π_old = π), mask, entropy, KL."""
-        logps, mask, entropy = self._logprobs(self.policy, batch, with_entropy=True)
+    def policy_terms(self, batch: dict[str, torch.Tensor], entropy_grad: bool = False) -> dict[str, torch.Tensor]:
+        """Current log-probs, old log-probs (detached current ones when π_old = π), mask, entropy (with its
+        gradient if `entropy_grad`), KL."""
+        logps, mask, entropy = self._logprobs(self.policy, batch, with_entropy=True, entropy_grad=entropy_grad)
         terms = {"logps": logps, "mask": mask, "entropy": entropy,
                  "old_logps": batch["old_logps"] if "old_logps" in batch else logps.detach()}
         if "ref_logps" in batch:
             terms["kl"] = kl_estimate(logps, batch["ref_logps"], "k3")
         return terms
 
-    def common_metrics(self, terms: dict[str, torch.Tensor], clipped: torch.Tensor) -> dict[str, float]:
+    def common_metrics(self, terms: dict[str, torch.Tensor], clipped: torch.Tensor | None) -> dict[str, float]:
+        """Rollout stats plus this mini-batch's entropy, approx. KL to π_old, KL to the reference and (for a
+        clipped or capped surrogate) the share of clipped tokens."""
         mask = terms["mask"]
         log_ratio = (terms["logps"] - terms["old_logps"]).detach()
         metrics = {**self.rollout_stats,
-                   "entropy": float(masked_mean(terms["entropy"], mask)),
-                   "clip_ratio": float(masked_mean(clipped, mask)),
+                   "entropy": float(masked_mean(terms["entropy"].detach(), mask)),
                    "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask))}
+        if clipped is not None:
+            metrics["clip_ratio"] = float(masked_mean(clipped, mask))
         if "kl" in terms:
             metrics["kl"] = float(masked_mean(terms["kl"].detach(), mask))
         self.history = self.history[-256:] + [{k: metrics[k] for k in ("reward", "kl") if k in metrics}]
@@ -282,14 +308,22 @@ class OnlineRL(Algorithm):
                                         sampled=final))
         return metrics
 
+    def after_step(self, step: int) -> dict[str, float]:
+        return sync_reference(self.cfg, self.reference, self.policy, step)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"rollout_index": self.rollout_index, "experience": self.experience,
-                "rollout_stats": getattr(self, "rollout_stats", {}), "history": self.history}
+        state = {"rollout_index": self.rollout_index, "experience": self.experience,
+                 "rollout_stats": getattr(self, "rollout_stats", {}), "history": self.history}
+        if self.cfg.ref_sync_every:  # the reference has moved: resume needs it as it is now
+            state["reference"] = self.reference.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollout_index = state["rollout_index"]
         self.experience = {k: v.to(self.device) for k, v in state["experience"].items()}
         self.rollout_stats, self.history = state["rollout_stats"], state["history"]
+        if self.cfg.ref_sync_every:
+            self.reference.load_state_dict(state["reference"])
 
 
 def judge_backend(cfg: OnlineConfig, device: torch.device) -> JudgeBackend:
@@ -302,11 +336,12 @@ def judge_backend(cfg: OnlineConfig, device: torch.device) -> JudgeBackend:
 
 
 def load_online(cfg: OnlineConfig):
-    """Tokenizer, policy, reference (None when β = 0), reward, prompts and held-out prompts for a run."""
+    """Tokenizer, policy, reference (None when the method needs none, e.g. kl_coef = 0), reward, prompts and
+    held-out prompts for a run."""
     if not cfg.model or not cfg.data:
         raise ValueError("set `model` (the starting policy dir) and `data` (prompt JSONL)")
     tokenizer, policy, device = load_start(cfg)
-    reference = frozen_reference(policy, cfg.ref_model, cfg.model, device) if cfg.beta > 0 else None
+    reference = frozen_reference(policy, cfg.ref_model, cfg.model, device) if cfg.needs_reference() else None
 
     def reward_model():
         if not cfg.reward_model:

@@ -27,6 +27,7 @@ from .online import OnlineConfig, OnlineRL, judge_backend, load_online
 class OnlineDPOConfig(OnlineConfig):
     preference: Literal["judge", "reward"] = field("judge", "who picks the chosen response: the pairwise judge, "
                                                    "or the pointwise `reward` (e.g. answer correctness)")
+    beta: float = field(0.1, "DPO's β: strength of the implicit KL constraint to the reference", gt=0)
     loss_type: LossType = field("sigmoid", "DPO loss variant (see dpo.py)")
     label_smoothing: float = field(0.0, "ε for cDPO / robust DPO", min=0)
     samples_per_prompt: int = field(2, "responses sampled per prompt; with preference=reward the pair is the "
@@ -55,8 +56,12 @@ class OnlineDPO(OnlineRL):
         if self.pairwise is None:
             return super().score(examples, texts)
         p_first = self.pairwise.compare([e.prompt for e in examples[0::2]], texts[0::2], texts[1::2])
-        self.judge_stats = dict(self.pairwise.stats)
         return torch.stack([p_first, 1 - p_first], dim=1).view(-1)
+
+    def reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
+        # With the pairwise judge a pair's "rewards" are [p, 1 - p]: their mean is 0.5 by construction and says
+        # nothing; report the judge's counts for this rollout instead (`valid_pairs`: its decisive verdicts).
+        return super().reward_stats(rewards) if self.pairwise is None else dict(self.pairwise.stats)
 
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         """No advantages: keep the best and the worst response of each prompt (in sampling order), mark each
@@ -76,7 +81,7 @@ class OnlineDPO(OnlineRL):
         first_wins = (pairs[:, 0] > pairs[:, 1]).float()
         exp["is_chosen"] = torch.stack([first_wins, 1 - first_wins], dim=1).view(-1)
         exp["pair_valid"] = valid.repeat_interleave(2)
-        return {"valid_pairs": float(valid.mean()), **getattr(self, "judge_stats", {})}
+        return {"valid_pairs": float(valid.mean())}
 
     def loss(self, batch):
         cfg: OnlineDPOConfig = self.cfg
@@ -95,7 +100,7 @@ class OnlineDPO(OnlineRL):
                                            cfg.label_smoothing)
         valid = batch["pair_valid"].view(-1, 2)[:, 0]
         loss = (losses * valid).sum() / valid.sum().clamp(min=1)
-        metrics = self.common_metrics(terms, torch.zeros_like(mask))
+        metrics = self.common_metrics(terms, None)  # no ratio is clipped in DPO
         if valid.sum() > 0:
             metrics["rewards/accuracy"] = float(((r_c > r_r).float() * valid).sum() / valid.sum())
             metrics["rewards/margin"] = float(((r_c - r_r) * valid).sum() / valid.sum())
@@ -113,8 +118,6 @@ class OnlineDPO(OnlineRL):
 
 
 def run(cfg: OnlineDPOConfig) -> dict[str, float]:
-    if cfg.beta <= 0:
-        raise ValueError("online-dpo: beta must be > 0 (it is DPO's β and needs the reference policy)")
     tokenizer, policy, reference, reward, prompts, eval_prompts = load_online(cfg)
     device = next(policy.parameters()).device
     pairwise = PairwiseJudge(judge_backend(cfg, device)) if cfg.preference == "judge" else None

@@ -23,12 +23,12 @@ from ..logprobs import masked_mean
 from ..model import load_scalar_model
 from ..model.heads import has_scalar_head
 from ..train.loop import train
-from .online import OnlineConfig, OnlineRL, load_online
+from .online import OnlineRL, PolicyGradientConfig, load_online
 from .policy_gradient import aggregate, clip_surrogate, gae, kl_estimate, masked_whiten
 
 
 @dataclass
-class PPOConfig(OnlineConfig):
+class PPOConfig(PolicyGradientConfig):
     critic_model: str = field("", "critic init dir: a reward model, or a policy (head starts at 0); empty = model")
     critic_lr_scale: float = field(10.0, "critic learning rate = lr x this (value fitting needs a larger step)", gt=0)
     gamma: float = field(0.99, "discount γ (1.0 is common for LMs)", min=0)
@@ -63,7 +63,7 @@ class PPO(OnlineRL):
         self.critic = critic
         self.modules = {"policy": policy, "critic": critic}
         self.lr_scales = {"critic": cfg.critic_lr_scale}
-        self.kl_coef = cfg.beta
+        self.kl_coef = cfg.kl_coef  # moved by the adaptive controller, if on
         self.last_seq_kl = 0.0
 
     def _values(self, exp: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -100,10 +100,10 @@ class PPO(OnlineRL):
 
     def loss(self, batch):
         cfg: PPOConfig = self.cfg
-        terms = self.policy_terms(batch)
+        terms = self.policy_terms(batch, entropy_grad=cfg.entropy_coef > 0)
         per_token, clipped = clip_surrogate(terms["logps"] - terms["old_logps"], batch["advantages"],
                                             cfg.clip_eps_low, cfg.clip_eps_high, cfg.clip_delta)
-        policy_loss = aggregate(per_token, terms["mask"], "token_mean")
+        policy_loss = aggregate(per_token - cfg.entropy_coef * terms["entropy"], terms["mask"], "token_mean")
         value_loss, value_clip_frac = ppo_value_loss(self._values(batch), batch["values"], batch["returns"],
                                                      terms["mask"], cfg.value_clip)
         metrics = self.common_metrics(terms, clipped)

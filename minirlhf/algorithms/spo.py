@@ -19,12 +19,12 @@ import torch
 from ..config import field
 from ..logprobs import masked_mean
 from ..train.loop import train
-from .online import OnlineConfig, OnlineRL, load_online
-from .policy_gradient import PolicyLoss, aggregate_units, policy_gradient_loss
+from .online import OnlineRL, PolicyGradientConfig, load_online
+from .policy_gradient import PolicyLoss, aggregate, aggregate_units, policy_gradient_loss
 
 
 @dataclass
-class SPOConfig(OnlineConfig):
+class SPOConfig(PolicyGradientConfig):
     tracker: Literal["per_prompt", "global"] = field("per_prompt", "one Beta tracker per prompt, or one for all")
     d_half: float = field(0.06, "D_half: policy drift at which the tracker forgets half", gt=0)
     rho_min: float = field(0.5, "lower clip of the forgetting factor ρ", gt=0)
@@ -108,11 +108,13 @@ class SPO(OnlineRL):
 
     def loss(self, batch):
         cfg: SPOConfig = self.cfg
-        terms = self.policy_terms(batch)
+        terms = self.policy_terms(batch, entropy_grad=cfg.entropy_coef > 0)
         spec = PolicyLoss(aggregation="sequence_mean", eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high,
                           clip_delta=cfg.clip_delta)
         loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
-                                             spec, terms.get("kl"), cfg.beta)
+                                             spec, terms.get("kl"), cfg.kl_coef)
+        if cfg.entropy_coef > 0:
+            loss = loss - cfg.entropy_coef * aggregate(terms["entropy"], terms["mask"], "sequence_mean")
         return loss, self.common_metrics(terms, clipped)
 
     def loss_weight(self, batch) -> float:

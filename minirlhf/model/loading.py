@@ -51,6 +51,15 @@ def frozen_reference(policy: nn.Module, ref_path: str, model_path: str, device: 
     return load_policy(ref_path or model_path, device).eval().requires_grad_(False)
 
 
+@torch.no_grad()
+def mix_into_reference(reference: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update π_ref ← α·π_θ + (1 - α)·π_ref, parameter by parameter (Gorbatovski et al., 2024,
+    "Learn Your Reference Model for Real Good Alignment"); α = 1 copies the policy. `policy` may be DDP-wrapped."""
+    source = dict(getattr(policy, "module", policy).named_parameters())
+    for name, param in reference.named_parameters():
+        param.lerp_(source[name].detach().to(param.dtype), alpha)
+
+
 def check_vocab(model: nn.Module, vocab_size: int, where: str) -> None:
     """Refuse a tokenizer whose ids do not fit the model's embedding table (they would index out of range)."""
     rows = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else \
