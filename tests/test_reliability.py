@@ -335,3 +335,37 @@ def test_nan_rewards_do_not_poison_the_rollout(start_model_dir):
     exp = algo.make_experience(0)
     assert torch.isfinite(exp["rewards"]).all() and torch.isfinite(exp["advantages"]).all()
     assert exp["rewards"][0] == 0.0 and algo.rollout_stats["reward/nonfinite"] >= 1
+
+
+class LengthMultipleOf5:
+    """1 for a completion whose length in characters is a multiple of 5, else 0: on an untrained model's samples
+    some groups of 4 get different rewards and some do not."""
+
+    name = "length5"
+
+    def score(self, prompts, completions, meta) -> torch.Tensor:
+        return torch.tensor([float(len(c) % 5 == 0) for c in completions])
+
+
+def test_dynamic_sampling_keeps_groups_whose_rewards_differ(start_model_dir):
+    """DAPO's dynamic sampling: further prompts are sampled until the rollout holds prompts_per_rollout groups
+    with reward variance; the kept rows are whole groups, the run is deterministic, and one try is plain GRPO."""
+    from minirlhf.algorithms.grpo import group_has_variance
+
+    def experience(**values):
+        algo = _grpo(start_model_dir, LengthMultipleOf5(), group_size=4, prompts_per_rollout=2, batch_size=8,
+                     max_new_tokens=6, **values)
+        return algo.make_experience(0), algo.rollout_stats
+
+    plain, plain_stats = experience()
+    dynamic, stats = experience(dynamic_sampling=True, max_sampling_tries=8)
+    assert group_has_variance(dynamic["rewards"], 4).all() and dynamic["rewards"].shape == (8,)
+    assert group_has_variance(plain["rewards"], 4).float().mean() == stats["dynamic_sampling/first_informative"]
+    assert stats["dynamic_sampling/first_informative"] == 0.5  # measured: one group of two had variance ...
+    assert stats["dynamic_sampling/samplings"] == 2  # ... so one more sampling was drawn
+    for g in range(2):  # whole groups: 4 samples of one prompt each
+        assert dynamic["prompt_index"][4 * g:4 * g + 4].unique().numel() == 1
+    again, _ = experience(dynamic_sampling=True, max_sampling_tries=8)
+    assert all(torch.equal(dynamic[k], again[k]) for k in dynamic)
+    one_try, _ = experience(dynamic_sampling=True, max_sampling_tries=1)
+    assert all(torch.equal(plain[k], one_try[k]) for k in plain)

@@ -50,6 +50,7 @@ def rows(out_dir) -> dict[int, dict]:
     ("grpo", {"group_size": 2}),  # 8 sequences per rollout, 2 updates each: step 1 is mid-rollout
     ("ppo", {"epochs_per_rollout": 2, "adaptive_kl": True}),  # 4 sequences, 1 mini-batch x 2 epochs
     ("spo", {"epochs_per_rollout": 2}),
+    ("grpo", {"group_size": 2, "dynamic_sampling": True}),  # no group has variance: every rollout samples 4 times
 ])
 def test_online_resume_mid_rollout_is_exact(stage, values, tmp_path, task_data, start_model_dir, other_reference):
     values = {**values, "ref_model": str(other_reference)}

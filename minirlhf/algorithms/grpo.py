@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 
 from ..config import field
+from ..data.batching import ExampleOrder
 from ..train.loop import train
 from .online import OnlineRL, PolicyGradientConfig, load_online
 from .policy_gradient import (
@@ -73,6 +74,29 @@ class GRPOConfig(PolicyGradientConfig):
                                             "use_bias_correction_kl, on by default there)")
     advantage: Literal["grpo", "rloo", "reinforce_pp"] = field("grpo", "baseline / advantage estimator")
     skip_zero_variance: bool = field(False, "drop groups whose rewards are all equal")
+    dynamic_sampling: bool = field(False, "DAPO: sample more prompts until the rollout holds prompts_per_rollout "
+                                          "groups whose rewards differ (at most max_sampling_tries samplings)")
+    max_sampling_tries: int = field(4, "dynamic sampling: samplings per rollout at most, the first included; groups "
+                                       "without variance fill what is still missing after them", min=1)
+
+
+def group_has_variance(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group of `group_size` consecutive rows: whether its rewards are not all equal."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.max(1).values > grouped.min(1).values
+
+
+def stack_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Rows of several samplings (same keys, same prompt width) in one buffer: per-token tensors are right-padded
+    with 0 to the widest completion (masks are 0 there, as in distributed.gather_rows)."""
+    out = {}
+    for key in parts[0]:
+        tensors = [p[key] for p in parts]
+        if tensors[0].dim() > 1:
+            width = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors]
+        out[key] = torch.cat(tensors)
+    return out
 
 
 def policy_loss_spec(cfg: GRPOConfig) -> PolicyLoss:
@@ -90,6 +114,33 @@ class GRPO(OnlineRL):
         self.samples_per_prompt = cfg.group_size
         self.loss_spec = policy_loss_spec(cfg)
         super().__init__(*args, cfg=cfg)
+        if cfg.dynamic_sampling:  # rows of several samplings are stacked: give them all one prompt width
+            self.prompt_width = max(len(ids) for ids in self.prompt_ids)
+            self.refill_order = ExampleOrder(len(self.prompts), cfg.seed + 1)
+
+    def complete_rollout(self, exp: dict[str, torch.Tensor], rollout: int
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """DAPO's dynamic sampling (Yu et al., 2025): a group whose G rewards are all equal has zero advantage and
+        teaches nothing, so sample further prompts (from their own seeded stream, so resume stays exact) until
+        prompts_per_rollout groups have reward variance, then keep those; after max_sampling_tries samplings,
+        groups without variance fill the rest. Logs the samplings used and the first sampling's share of
+        informative groups."""
+        cfg: GRPOConfig = self.cfg
+        if not cfg.dynamic_sampling:
+            return exp, {}
+        n, parts = cfg.prompts_per_rollout, [exp]
+        first_share = float(group_has_variance(exp["rewards"], cfg.group_size).float().mean())
+        while sum(int(group_has_variance(p["rewards"], cfg.group_size).sum()) for p in parts) < n \
+                and len(parts) < cfg.max_sampling_tries:
+            prompts = self.refill_order.take((rollout * cfg.max_sampling_tries + len(parts) - 1) * n, n)
+            parts.append(self.sample_rows(prompts, rollout, attempt=len(parts))[0])
+        stacked = stack_rows(parts)
+        informative = group_has_variance(stacked["rewards"], cfg.group_size)
+        groups = sorted((informative.nonzero().flatten().tolist() + (~informative).nonzero().flatten().tolist())[:n])
+        rows = torch.tensor([g * cfg.group_size + j for g in groups for j in range(cfg.group_size)],
+                            device=stacked["rewards"].device)
+        return ({k: v[rows] for k, v in stacked.items()},
+                {"dynamic_sampling/samplings": float(len(parts)), "dynamic_sampling/first_informative": first_share})
 
     def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg: GRPOConfig = self.cfg
@@ -109,8 +160,7 @@ class GRPO(OnlineRL):
             per_sequence = rloo_advantages(rewards, cfg.group_size)
         else:
             per_sequence = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
-        flat = rewards.view(-1, cfg.group_size)
-        informative = (flat.max(1).values > flat.min(1).values).repeat_interleave(cfg.group_size)
+        informative = group_has_variance(rewards, cfg.group_size).repeat_interleave(cfg.group_size)
         if cfg.skip_zero_variance:
             exp["completion_mask"] = exp["completion_mask"] * informative[:, None]
         exp["advantages"] = per_sequence[:, None] * mask

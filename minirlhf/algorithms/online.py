@@ -165,6 +165,7 @@ class OnlineRL(Algorithm):
         self.rollout_index = -1
         self.history: list[dict[str, float]] = []
         self.rollout_stats: dict[str, float] = {}
+        self.prompt_width: int | None = None  # None: each rollout's own longest prompt
 
     def _encode(self, example: PromptExample) -> list[int]:
         ids = self.tokenizer.encode_prompt(example.prompt)
@@ -182,20 +183,34 @@ class OnlineRL(Algorithm):
 
     @torch.no_grad()
     def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
-        """Sample, score, and compute old/reference log-probs in batched no-grad passes.
+        """Sample and score the rollout's prompts (`sample_rows`), let the method complete the rollout (GRPO's
+        dynamic sampling draws more prompts), then compute the method's advantages and the rollout's stats."""
+        exp, stats = self.sample_rows(self.select_prompts(rollout), rollout)
+        exp, completion_stats = self.complete_rollout(exp, rollout)
+        stats = {**self.advantages(exp), **self.reward_stats(exp["rewards"]), **stats, **completion_stats,
+                 "completion_len": float(exp["lengths"].mean()), "truncated": float(exp["truncated"].mean())}
+        self.rollout_stats = stats
+        return exp
+
+    @torch.no_grad()
+    def sample_rows(self, prompt_indices: list[int], rollout: int, attempt: int = 0
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """`samples_per_prompt` completions of each prompt, scored, with their masks and old/reference log-probs
+        from batched no-grad passes; returns (rows, reward stats). Attempt a > 0 of a rollout draws other noise.
 
         Data parallel: each process samples and scores its contiguous slice of the rows (whole prompts, so
         whole GRPO groups) with the global batch's noise and prompt width, then the rows are gathered: every
         process holds the same global buffer and computes the same advantages, as one process would."""
-        chosen = self.select_prompts(rollout)
-        all_rows = [i for i in chosen for _ in range(self.samples_per_prompt)]
+        all_rows = [i for i in prompt_indices for _ in range(self.samples_per_prompt)]
         rows = distributed.shard(all_rows, "rollout rows")
         self.policy.eval()
-        offset, width = distributed.rank() * len(rows), max(len(self.prompt_ids[i]) for i in all_rows)
+        offset = distributed.rank() * len(rows)
+        width = self.prompt_width or max(len(self.prompt_ids[i]) for i in all_rows)
+        noise_seed = self.cfg.seed * 1_000_003 + rollout + attempt * 7_919_031_103
         if self.cfg.generation_backend == "vllm":
-            out = self._vllm_rollout(rollout, rows, offset, width)
+            out = self._vllm_rollout(noise_seed, rows, offset, width)
         else:
-            generator = torch.Generator(device=self.device).manual_seed(self.cfg.seed * 1_000_003 + rollout)
+            generator = torch.Generator(device=self.device).manual_seed(noise_seed)
             out = generate(self.policy, [self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
                            self.tokenizer.pad_id, generator, rows=(offset, len(all_rows)), prompt_width=width)
         texts = self.tokenizer.batch_decode(out.completions())
@@ -220,25 +235,26 @@ class OnlineRL(Algorithm):
             exp["old_logps"] = self._logprobs(self.policy, exp)[0]
         if self.reference is not None:
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
-        exp = distributed.gather_rows(exp)
-        rewards = exp["rewards"]
-        stats = {**self.advantages(exp), **self.reward_stats(rewards), "reward/nonfinite": nonfinite,
-                 "completion_len": float(exp["lengths"].mean()), "truncated": float(exp["truncated"].mean())}
+        stats = {"reward/nonfinite": nonfinite}
         for name, part in getattr(self.reward, "last_parts", {}).items():
             stats[f"reward/{name}"] = float(part.mean())
         for fn, _ in getattr(self.reward, "parts", []):
             stats.update(getattr(fn, "stats", {}))
-        self.rollout_stats = stats
-        return exp
+        return distributed.gather_rows(exp), stats
 
-    def _vllm_rollout(self, rollout: int, rows: list[int], offset: int, width: int):
+    def complete_rollout(self, exp: dict[str, torch.Tensor], rollout: int
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The rollout's final rows from its first sample (identity here; GRPO's dynamic sampling adds more)."""
+        return exp, {}
+
+    def _vllm_rollout(self, noise_seed: int, rows: list[int], offset: int, width: int):
         if self.vllm is None:
             from ..generation.vllm_backend import VLLMGenerator
 
             self.vllm = VLLMGenerator(self.cfg.model, self.policy, self.cfg.tokenizer or self.cfg.model,
                                       self.cfg.vllm_gpu_memory, self.cfg.seed)
         self.vllm.sync_weights(self.policy)
-        seeds = [(self.cfg.seed * 1_000_003 + rollout) * 65_537 + offset + r for r in range(len(rows))]
+        seeds = [noise_seed * 65_537 + offset + r for r in range(len(rows))]
         return self.vllm.generate([self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
                                   self.tokenizer.pad_id, seeds, self.device, width)
 
