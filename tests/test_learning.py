@@ -151,6 +151,7 @@ def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(pipe
     run_stage(root, "grpo", loss_type=loss_type, data=str(focus), out_dir=str(out), steps=6, prompts_per_rollout=8,
               batch_size=64, grad_accum=1, eval_data="")
     after = focus_reward(out / "final", focus, seed=123)
+    print(f"{loss_type}: focus-prompt reward {before:.3f} -> {after:.3f}")
     assert after - before >= 0.15, (loss_type, before, after)
 
 

@@ -528,6 +528,27 @@ def test_high_entropy_mask_keeps_the_top_share_of_masked_tokens():
     assert high_entropy_mask(entropy, torch.zeros(2, 5), 0.5).sum() == 0
 
 
+def test_normalize_then_sum_advantages_by_hand():
+    """GDPO: each reward normalised in its group (unbiased std, as TRL's nanstd), weighted sum, then normalised
+    over the batch. Reward 2's spread is 100x smaller than reward 1's but counts as much."""
+    from minirlhf.algorithms.policy_gradient import normalize_then_sum_advantages
+
+    parts = [[1.0, 0.00], [0.0, 0.02], [1.0, 0.01], [0.0, 0.00],   # group 0
+             [0.0, 0.01], [0.0, 0.00], [1.0, 0.01], [1.0, 0.02]]   # group 1
+    weights = [1.0, 0.5]
+    summed = []
+    for g in range(2):
+        rows = parts[4 * g:4 * g + 4]
+        normalised = []
+        for k in range(2):
+            column = [r[k] for r in rows]
+            normalised.append([(v - statistics.fmean(column)) / (statistics.stdev(column) + 1e-4) for v in column])
+        summed += [sum(weights[k] * normalised[k][i] for k in range(2)) for i in range(4)]
+    expected = [(v - statistics.fmean(summed)) / (statistics.stdev(summed) + 1e-4) for v in summed]
+    got = normalize_then_sum_advantages(t(parts), t(weights), 4)
+    assert got.tolist() == pytest.approx(expected, abs=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parity with TRL
 

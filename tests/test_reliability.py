@@ -369,3 +369,28 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ(start_model_dir):
     assert all(torch.equal(dynamic[k], again[k]) for k in dynamic)
     one_try, _ = experience(dynamic_sampling=True, max_sampling_tries=1)
     assert all(torch.equal(plain[k], one_try[k]) for k in plain)
+
+
+def test_normalize_then_sum_uses_each_rewards_scores(start_model_dir):
+    """The rollout keeps each reward function's scores (rows, K) for GDPO's advantage; a single reward function
+    has nothing to normalise one by one and is refused."""
+    from minirlhf.algorithms.policy_gradient import normalize_then_sum_advantages
+    from minirlhf.config import ConfigError
+    from minirlhf.rewards import WeightedSum
+
+    class Length:
+        name = "length"
+
+        def score(self, prompts, completions, meta) -> torch.Tensor:
+            return torch.tensor([float(len(c)) for c in completions])
+
+    reward = WeightedSum([(LengthMultipleOf5(), 1.0), (Length(), 0.01)])
+    algo = _grpo(start_model_dir, reward, group_size=4, prompts_per_rollout=2, batch_size=8, max_new_tokens=6,
+                 advantage="normalize_then_sum")
+    exp = algo.make_experience(0)
+    assert exp["reward_parts"].shape == (8, 2)
+    assert torch.equal(exp["rewards"], exp["reward_parts"] @ torch.tensor([1.0, 0.01]))
+    expected = normalize_then_sum_advantages(exp["reward_parts"], torch.tensor([1.0, 0.01]), 4)
+    torch.testing.assert_close(exp["advantages"].sum(1) / exp["completion_mask"][:, 1:].sum(1), expected)
+    with pytest.raises(ConfigError, match="normalize_then_sum"):
+        _grpo(start_model_dir, LengthMultipleOf5(), advantage="normalize_then_sum")

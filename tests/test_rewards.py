@@ -82,8 +82,10 @@ def test_build_reward_parses_names_and_weights():
     got = score(reward, completions, ["7"] * 4)
     # by hand: answer ∈ {1, 0, 0, 1}, format ∈ {1, 1, 0, 0}
     assert got == pytest.approx([1 + 0.2, 0 + 0.2, 0.0, 1.0])
-    assert reward.last_parts["answer"].tolist() == [1.0, 0.0, 0.0, 1.0]
-    assert reward.last_parts["format"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    parts = reward.score_parts([[{"role": "user", "content": "q"}]] * 4, completions, [{"answer": "7"}] * 4)
+    assert parts["answer"].tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert parts["format"].tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert reward.combine(parts).tolist() == pytest.approx(got)
     # no weight means 1; spaces around items are fine; negative weights are allowed
     assert [w for _, w in build_reward("answer").parts] == [1.0]
     assert [w for _, w in build_reward(" answer:2 , format:-0.5").parts] == [2.0, -0.5]

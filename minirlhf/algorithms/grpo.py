@@ -1,7 +1,7 @@
 """GRPO (Shao et al., 2024) and the variants that differ in the advantage, the surrogate or the aggregation.
 
 Per prompt, G completions are sampled; each gets the advantage (r - mean_group) / (std_group + ε) on every
-token (`scale_rewards`: group | batch | none). The loss is a policy-gradient surrogate plus β·k3 KL to the
+token (`scale_rewards`: group | batch | none). The loss is a policy-gradient surrogate plus kl_coef·k3 KL to the
 reference, three independent choices (policy_gradient.py):
     surrogate                  clip (PPO/GRPO, ε_low / ε_high, optional two-sided `clip_delta`) | cispo | sapo
     importance_sampling_level  token | sequence (GSPO's length-normalised sequence ratio)
@@ -20,8 +20,9 @@ from typing import Literal
 
 import torch
 
-from ..config import field
+from ..config import ConfigError, field
 from ..data.batching import ExampleOrder
+from ..rewards import WeightedSum
 from ..train.loop import train
 from .online import OnlineRL, PolicyGradientConfig, load_online
 from .policy_gradient import (
@@ -36,6 +37,7 @@ from .policy_gradient import (
     high_entropy_mask,
     kl_estimate,
     masked_whiten,
+    normalize_then_sum_advantages,
     policy_gradient_loss,
     rloo_advantages,
 )
@@ -72,7 +74,9 @@ class GRPOConfig(PolicyGradientConfig):
                                              "of highest entropy (1 = all; 0.2 in Wang et al., 2025)", gt=0, max=1)
     kl_bias_correction: bool = field(False, "weight the KL term by the importance ratio (DeepSeek-V3.2; TRL's "
                                             "use_bias_correction_kl, on by default there)")
-    advantage: Literal["grpo", "rloo", "reinforce_pp"] = field("grpo", "baseline / advantage estimator")
+    advantage: Literal["grpo", "rloo", "reinforce_pp", "normalize_then_sum"] = field(
+        "grpo", "baseline / advantage estimator; normalize_then_sum: each reward of `reward` normalised in its group, "
+                "then summed (GDPO)")
     skip_zero_variance: bool = field(False, "drop groups whose rewards are all equal")
     dynamic_sampling: bool = field(False, "DAPO: sample more prompts until the rollout holds prompts_per_rollout "
                                           "groups whose rewards differ (at most max_sampling_tries samplings)")
@@ -114,6 +118,9 @@ class GRPO(OnlineRL):
         self.samples_per_prompt = cfg.group_size
         self.loss_spec = policy_loss_spec(cfg)
         super().__init__(*args, cfg=cfg)
+        if cfg.advantage == "normalize_then_sum" and not isinstance(self.reward, WeightedSum):
+            raise ConfigError("advantage=normalize_then_sum normalises each reward of a `reward` list "
+                              "(e.g. answer:1,working:0.2) on its own; this run has a single reward function")
         if cfg.dynamic_sampling:  # rows of several samplings are stacked: give them all one prompt width
             self.prompt_width = max(len(ids) for ids in self.prompt_ids)
             self.refill_order = ExampleOrder(len(self.prompts), cfg.seed + 1)
@@ -158,6 +165,8 @@ class GRPO(OnlineRL):
             return {}
         if cfg.advantage == "rloo":
             per_sequence = rloo_advantages(rewards, cfg.group_size)
+        elif cfg.advantage == "normalize_then_sum":  # the parts unclipped and unshaped, as the reward functions gave
+            per_sequence = normalize_then_sum_advantages(exp["reward_parts"], self.reward.weights, cfg.group_size)
         else:
             per_sequence = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
         informative = group_has_variance(rewards, cfg.group_size).repeat_interleave(cfg.group_size)

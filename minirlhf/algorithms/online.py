@@ -27,7 +27,7 @@ from ..eval import task_metrics
 from ..generation import SamplingConfig, generate
 from ..logprobs import completion_logprobs, masked_mean
 from ..model import frozen_reference, load_policy, load_scalar_model
-from ..rewards import RewardModelReward, build_reward
+from ..rewards import RewardModelReward, WeightedSum, build_reward
 from ..rewards.base import overlong_penalty
 from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
 from ..tokenizer import Tokenizer
@@ -215,7 +215,8 @@ class OnlineRL(Algorithm):
                            self.tokenizer.pad_id, generator, rows=(offset, len(all_rows)), prompt_width=width)
         texts = self.tokenizer.batch_decode(out.completions())
         examples = [self.prompts[i] for i in rows]
-        rewards = self.score(examples, texts).float().to(self.device)
+        rewards, parts = self.score(examples, texts)
+        rewards = rewards.float().to(self.device)
         nonfinite = float((~torch.isfinite(rewards)).sum())  # NaN counts as 0, ±inf as ±reward_clip
         check_reward_signal(self.reward, len(rows), nonfinite, rollout, self.cfg.unusable_reward_warning)
         rewards = rewards.nan_to_num(0.0).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
@@ -235,8 +236,10 @@ class OnlineRL(Algorithm):
             exp["old_logps"] = self._logprobs(self.policy, exp)[0]
         if self.reference is not None:
             exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
+        if parts:  # (rows, rewards): what a multi-reward advantage (GDPO) normalises one by one
+            exp["reward_parts"] = torch.stack(list(parts.values()), 1).nan_to_num(0.0).to(self.device)
         stats = {"reward/nonfinite": nonfinite}
-        for name, part in getattr(self.reward, "last_parts", {}).items():
+        for name, part in parts.items():
             stats[f"reward/{name}"] = float(part.mean())
         for fn, _ in getattr(self.reward, "parts", []):
             stats.update(getattr(fn, "stats", {}))
@@ -258,9 +261,14 @@ class OnlineRL(Algorithm):
         return self.vllm.generate([self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
                                   self.tokenizer.pad_id, seeds, self.device, width)
 
-    def score(self, examples: list[PromptExample], texts: list[str]) -> torch.Tensor:
-        """Rewards of one rollout's completions (one per row)."""
-        return self.reward.score([e.prompt for e in examples], texts, [{"answer": e.answer} for e in examples])
+    def score(self, examples: list[PromptExample], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(reward per row, each reward function's unweighted scores by name) for one rollout's completions; a
+        single reward function (not a `build_reward` sum) has no parts."""
+        args = ([e.prompt for e in examples], texts, [{"answer": e.answer} for e in examples])
+        if not isinstance(self.reward, WeightedSum):
+            return self.reward.score(*args), {}
+        parts = self.reward.score_parts(*args)
+        return self.reward.combine(parts), parts
 
     def reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
         """The rollout's reward metrics (the mean is also what `evaluate` reports as `reward`)."""

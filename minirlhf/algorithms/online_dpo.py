@@ -52,11 +52,11 @@ class OnlineDPO(OnlineRL):
         self.eval_ref_logps = pair_sequence_logprobs(self.reference, eval_pairs, self.tokenizer.pad_id)[:2] \
             if eval_pairs else None
 
-    def score(self, examples, texts) -> torch.Tensor:
+    def score(self, examples, texts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.pairwise is None:
             return super().score(examples, texts)
         p_first = self.pairwise.compare([e.prompt for e in examples[0::2]], texts[0::2], texts[1::2])
-        return torch.stack([p_first, 1 - p_first], dim=1).view(-1)
+        return torch.stack([p_first, 1 - p_first], dim=1).view(-1), {}
 
     def reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
         # With the pairwise judge a pair's "rewards" are [p, 1 - p]: their mean is 0.5 by construction and says

@@ -172,6 +172,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["gro
     return centred
 
 
+def normalize_then_sum_advantages(part_rewards: torch.Tensor, weights: torch.Tensor, group_size: int,
+                                  eps: float = 1e-4) -> torch.Tensor:
+    """Several rewards (rows, K): each normalised within its group, (r_k - mean_group r_k) / (std_group r_k + ε),
+    then the weighted sum normalised over the batch, so a reward with a small spread is not drowned by one with
+    a large spread (GDPO, 2026; TRL's multi_objective_aggregation="normalize_then_sum")."""
+    grouped = part_rewards.view(-1, group_size, part_rewards.shape[1])
+    normalised = (grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + eps)
+    summed = (normalised.view(-1, part_rewards.shape[1]) * weights.to(part_rewards)).sum(1)
+    return (summed - summed.mean()) / (summed.std() + eps)
+
+
 def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """RLOO: r_i - mean of the other G-1 rewards of the same prompt (Ahmadian et al., 2024)."""
     grouped = rewards.view(-1, group_size)

@@ -1,13 +1,13 @@
 """PPO for language models (Ziegler et al., 2019; Ouyang et al., 2022), actor + critic.
 
-Per token t of a completion, the reward is -β·(log π_old - log π_ref) (the k1 KL estimate), plus the
+Per token t of a completion, the reward is -kl_coef·(log π_old - log π_ref) (the k1 KL estimate), plus the
 sequence score at the final token. A critic (a scalar head on a copy of the policy, starting at V = 0,
 or a reward model; trained at `critic_lr_scale` x lr) gives V_t; GAE(γ, λ) gives advantages (whitened over
 the batch) and returns A + V. Each rollout
 is reused for `epochs_per_rollout` passes of mini-batches with
     policy loss  -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A)                   token mean over the batch
     value loss   ½ max((V - R)², (V_old + clip(V - V_old, ±value_clip) - R)²)
-An optional adaptive KL controller (Ziegler et al., 2019) moves β toward `kl_target`.
+An optional adaptive KL controller (Ziegler et al., 2019) moves kl_coef toward `kl_target`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class PPOConfig(PolicyGradientConfig):
     vf_coef: float = field(0.5, "weight of the value loss", min=0)
     value_clip: float = field(0.2, "clip of V - V_old in the value loss", gt=0)
     whiten_advantages: bool = field(True, "normalise advantages to mean 0, std 1 over the batch")
-    adaptive_kl: bool = field(False, "adapt β toward kl_target (Ziegler et al., 2019)")
+    adaptive_kl: bool = field(False, "adapt kl_coef toward kl_target (Ziegler et al., 2019)")
     kl_target: float = field(0.1, "target KL per sequence for the adaptive controller", gt=0)
     kl_horizon: int = field(100, "controller horizon in rollouts", min=1)
 
@@ -50,9 +50,9 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return loss, masked_mean((clipped_err > unclipped_err).float(), mask)
 
 
-def adaptive_kl_update(beta: float, kl: float, target: float, horizon: int) -> float:
-    """β ← β (1 + clip(KL/target - 1, -0.2, 0.2) / horizon)."""
-    return beta * (1 + max(-0.2, min(0.2, kl / target - 1)) / horizon)
+def adaptive_kl_update(kl_coef: float, kl: float, target: float, horizon: int) -> float:
+    """kl_coef ← kl_coef (1 + clip(KL/target - 1, -0.2, 0.2) / horizon)."""
+    return kl_coef * (1 + max(-0.2, min(0.2, kl / target - 1)) / horizon)
 
 
 class PPO(OnlineRL):

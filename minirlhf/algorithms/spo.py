@@ -6,7 +6,7 @@ mapped to [0, 1], the tracker forgets at rate ρ = clip(2^(-D / D_half), ρ_min,
 outcome: α ← ρα + r, β ← ρβ + (1 - r). D estimates how far the policy moved since the prompt was last
 seen: |mean token log-prob now - mean token log-prob then| (0 on a first visit, so ρ = ρ_max).
 Advantages r - v are normalised across the batch; prompts are drawn with priority √(v(1-v)) + ε
-(prompts the policy solves sometimes teach most). Loss: GRPO's clipped policy gradient + β·k3 KL.
+(prompts the policy solves sometimes teach most). Loss: GRPO's clipped policy gradient + kl_coef·k3 KL.
 """
 
 from __future__ import annotations

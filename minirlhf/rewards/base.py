@@ -84,21 +84,26 @@ class RewardModelReward:
 
 
 class WeightedSum:
-    """sum_i w_i * r_i(x, y); also keeps each part's last scores for logging."""
+    """sum_i w_i * r_i(x, y) over named reward functions."""
 
     def __init__(self, parts: Sequence[tuple[RewardFunction, float]]) -> None:
         self.parts = list(parts)
         self.name = "+".join(f"{w:g}*{fn.name}" for fn, w in self.parts)
-        self.last_parts: dict[str, torch.Tensor] = {}
+
+    @property
+    def weights(self) -> torch.Tensor:
+        return torch.tensor([w for _, w in self.parts])
+
+    def score_parts(self, prompts, completions, meta) -> dict[str, torch.Tensor]:
+        """Each reward function's (unweighted) scores, by name, in `parts` order."""
+        return {fn.name: fn.score(prompts, completions, meta).float() for fn, _ in self.parts}
+
+    def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """sum_i w_i * parts[i]."""
+        return sum((w * parts[fn.name] for fn, w in self.parts), torch.zeros_like(next(iter(parts.values()))))
 
     def score(self, prompts, completions, meta) -> torch.Tensor:
-        total = torch.zeros(len(completions))
-        self.last_parts = {}
-        for fn, weight in self.parts:
-            scores = fn.score(prompts, completions, meta).float()
-            self.last_parts[fn.name] = scores
-            total += weight * scores
-        return total
+        return self.combine(self.score_parts(prompts, completions, meta))
 
 
 def build_reward(spec: str, factories: dict[str, Callable[[], RewardFunction]] | None = None) -> WeightedSum:
