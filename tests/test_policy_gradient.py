@@ -549,6 +549,25 @@ def test_normalize_then_sum_advantages_by_hand():
     assert got.tolist() == pytest.approx(expected, abs=1e-5)
 
 
+def test_adaptive_entropy_control_by_hand():
+    """Skywork-OR1: the coefficient grows by delta after a step at or below the target entropy, shrinks above it,
+    within [lo, hi]; the bonus is applied only while the entropy is at or below the target."""
+    from minirlhf.algorithms.grpo import GRPOConfig
+    from minirlhf.algorithms.online import EntropyBonus
+    from minirlhf.algorithms.policy_gradient import adaptive_entropy_coef
+
+    assert adaptive_entropy_coef(0.01, 0.1, 0.2, 0.005, 0.0, 0.02) == pytest.approx(0.015)
+    assert adaptive_entropy_coef(0.018, 0.2, 0.2, 0.005, 0.0, 0.02) == pytest.approx(0.02)  # at the target: up, capped
+    assert adaptive_entropy_coef(0.003, 0.5, 0.2, 0.005, 0.0, 0.02) == 0.0  # above: down, floored
+    bonus = EntropyBonus(GRPOConfig(entropy_coef=0.01, entropy_target=0.2, entropy_coef_delta=0.005))
+    assert bonus.applied == 0.01 and bonus.trains_entropy
+    assert bonus.after_step(0.1) == {"entropy_coef": pytest.approx(0.015)}
+    assert bonus.after_step(0.9) == {"entropy_coef": 0.0} and bonus.coef == pytest.approx(0.01)
+    fixed = EntropyBonus(GRPOConfig(entropy_coef=0.01))
+    assert fixed.after_step(0.9) == {} and fixed.applied == 0.01
+    assert not EntropyBonus(GRPOConfig()).trains_entropy
+
+
 # ----------------------------------------------------------------------------------------------------
 # Parity with TRL
 

@@ -51,6 +51,7 @@ def rows(out_dir) -> dict[int, dict]:
     ("ppo", {"epochs_per_rollout": 2, "adaptive_kl": True}),  # 4 sequences, 1 mini-batch x 2 epochs
     ("spo", {"epochs_per_rollout": 2}),
     ("grpo", {"group_size": 2, "dynamic_sampling": True}),  # no group has variance: every rollout samples 4 times
+    ("grpo", {"group_size": 2, "entropy_coef": 0.01, "entropy_target": 100.0}),  # the adapted coefficient is saved
 ])
 def test_online_resume_mid_rollout_is_exact(stage, values, tmp_path, task_data, start_model_dir, other_reference):
     values = {**values, "ref_model": str(other_reference)}

@@ -172,7 +172,7 @@ class DPO(Algorithm):
     def loss_weight(self, item) -> float:
         return float(len(item[0]))  # the loss is a mean over pairs
 
-    def after_step(self, step: int) -> dict[str, float]:
+    def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         return sync_reference(self.cfg, self.reference, self.policy, step)
 
     def state_dict(self) -> dict:

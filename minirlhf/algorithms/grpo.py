@@ -177,16 +177,16 @@ class GRPO(OnlineRL):
 
     def loss(self, batch):
         cfg: GRPOConfig = self.cfg
-        terms = self.policy_terms(batch, entropy_grad=cfg.entropy_coef > 0)
+        terms = self.policy_terms(batch, entropy_grad=self.entropy_bonus.trains_entropy)
         kl_in_loss = terms.get("kl") if cfg.advantage != "reinforce_pp" else None
         forking = None
         if cfg.top_entropy_quantile < 1:  # per micro-batch (as TRL): not exact under gradient accumulation
             forking = high_entropy_mask(terms["entropy"], terms["mask"], cfg.top_entropy_quantile)
         loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
                                              self.loss_spec, kl_in_loss, cfg.kl_coef, cfg.max_new_tokens, forking)
-        if cfg.entropy_coef > 0:  # averaged like the policy loss, so gradient accumulation stays exact
-            loss = loss - cfg.entropy_coef * aggregate(terms["entropy"], terms["mask"], self.loss_spec.aggregation,
-                                                       cfg.max_new_tokens)
+        if self.entropy_bonus.applied > 0:  # averaged like the policy loss, so gradient accumulation stays exact
+            entropy = aggregate(terms["entropy"], terms["mask"], self.loss_spec.aggregation, cfg.max_new_tokens)
+            loss = loss - self.entropy_bonus.applied * entropy
         return loss, self.common_metrics(terms, clipped)
 
     def loss_weight(self, batch) -> float:

@@ -35,7 +35,7 @@ from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig
 from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
-from .policy_gradient import kl_estimate
+from .policy_gradient import adaptive_entropy_coef, kl_estimate
 
 
 @dataclass
@@ -98,9 +98,43 @@ class PolicyGradientConfig(OnlineConfig):
                                            "use > 1 + clip_eps_high)", gt=1)
     entropy_coef: float = field(0.0, "entropy bonus: subtract this x the completion tokens' entropy (averaged like "
                                      "the policy loss) from the loss, to keep exploring", min=0)
+    entropy_target: float | None = field(None, "adaptive entropy control (Skywork-OR1): the bonus applies only after "
+                                               "a step whose mean entropy is at or below this, and entropy_coef "
+                                               "moves by entropy_coef_delta each step; empty = a fixed bonus", min=0)
+    entropy_coef_delta: float = field(0.005, "adaptive entropy control: the coefficient's step", min=0)
+    entropy_coef_min: float = field(0.0, "adaptive entropy control: the coefficient's floor", min=0)
+    entropy_coef_max: float = field(1.0, "adaptive entropy control: the coefficient's ceiling", min=0)
 
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
+
+
+class EntropyBonus:
+    """The entropy bonus of a policy-gradient run: a fixed `entropy_coef`, or with `entropy_target` a coefficient
+    adapted after every optimizer step (applied only while the entropy is at or below the target)."""
+
+    def __init__(self, cfg: PolicyGradientConfig) -> None:
+        self.cfg, self.coef, self.applied = cfg, cfg.entropy_coef, cfg.entropy_coef
+
+    @property
+    def trains_entropy(self) -> bool:
+        """Whether the loss needs the entropy's gradient (a bonus now, or one that may start)."""
+        return self.applied > 0 or self.cfg.entropy_target is not None
+
+    def after_step(self, entropy: float) -> dict[str, float]:
+        cfg = self.cfg
+        if cfg.entropy_target is None:
+            return {}
+        self.coef = adaptive_entropy_coef(self.coef, entropy, cfg.entropy_target, cfg.entropy_coef_delta,
+                                          cfg.entropy_coef_min, cfg.entropy_coef_max)
+        self.applied = self.coef if entropy <= cfg.entropy_target else 0.0
+        return {"entropy_coef": self.applied}
+
+    def state_dict(self) -> dict[str, float]:
+        return {"coef": self.coef, "applied": self.applied}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.coef, self.applied = state["coef"], state["applied"]
 
 
 class RewardSignalError(SetupError):
@@ -166,6 +200,7 @@ class OnlineRL(Algorithm):
         self.history: list[dict[str, float]] = []
         self.rollout_stats: dict[str, float] = {}
         self.prompt_width: int | None = None  # None: each rollout's own longest prompt
+        self.entropy_bonus = EntropyBonus(cfg) if isinstance(cfg, PolicyGradientConfig) else None
 
     def _encode(self, example: PromptExample) -> list[int]:
         ids = self.tokenizer.encode_prompt(example.prompt)
@@ -187,8 +222,10 @@ class OnlineRL(Algorithm):
         dynamic sampling draws more prompts), then compute the method's advantages and the rollout's stats."""
         exp, stats = self.sample_rows(self.select_prompts(rollout), rollout)
         exp, completion_stats = self.complete_rollout(exp, rollout)
-        stats = {**self.advantages(exp), **self.reward_stats(exp["rewards"]), **stats, **completion_stats,
-                 "completion_len": float(exp["lengths"].mean()), "truncated": float(exp["truncated"].mean())}
+        stats = {**self.reward_stats(exp["rewards"]), **stats, **completion_stats,  # every sample, before the
+                 "completion_len": float(exp["lengths"].mean()),                   # method keeps some rows
+                 "truncated": float(exp["truncated"].mean())}
+        stats.update(self.advantages(exp))
         self.rollout_stats = stats
         return exp
 
@@ -332,12 +369,17 @@ class OnlineRL(Algorithm):
                                         sampled=final))
         return metrics
 
-    def after_step(self, step: int) -> dict[str, float]:
-        return sync_reference(self.cfg, self.reference, self.policy, step)
+    def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        out = sync_reference(self.cfg, self.reference, self.policy, step)
+        if self.entropy_bonus is not None and "entropy" in metrics:
+            out.update(self.entropy_bonus.after_step(metrics["entropy"]))
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         state = {"rollout_index": self.rollout_index, "experience": self.experience,
                  "rollout_stats": getattr(self, "rollout_stats", {}), "history": self.history}
+        if self.entropy_bonus is not None:
+            state["entropy_bonus"] = self.entropy_bonus.state_dict()
         if self.cfg.ref_sync_every:  # the reference has moved: resume needs it as it is now
             state["reference"] = self.reference.state_dict()
         return state
@@ -346,6 +388,8 @@ class OnlineRL(Algorithm):
         self.rollout_index = state["rollout_index"]
         self.experience = {k: v.to(self.device) for k, v in state["experience"].items()}
         self.rollout_stats, self.history = state["rollout_stats"], state["history"]
+        if self.entropy_bonus is not None:
+            self.entropy_bonus.load_state_dict(state["entropy_bonus"])
         if self.cfg.ref_sync_every:
             self.reference.load_state_dict(state["reference"])
 

@@ -159,6 +159,12 @@ def policy_gradient_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantage
     return aggregate(per_token, mask, spec.aggregation, max_len), clipped.expand_as(logps)
 
 
+def adaptive_entropy_coef(coef: float, entropy: float, target: float, delta: float, lo: float, hi: float) -> float:
+    """Skywork-OR1's adaptive entropy control (He et al., 2025): after a step whose mean token entropy is at or
+    below `target` the coefficient grows by `delta`, otherwise it shrinks by `delta`, within [lo, hi]."""
+    return min(coef + delta, hi) if entropy <= target else max(coef - delta, lo)
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group",
                      eps: float = 1e-4) -> torch.Tensor:
     """GRPO: (r - mean_group) / (std_group + ε); `batch` divides by the batch std, `none` only centres

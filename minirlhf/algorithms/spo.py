@@ -108,13 +108,13 @@ class SPO(OnlineRL):
 
     def loss(self, batch):
         cfg: SPOConfig = self.cfg
-        terms = self.policy_terms(batch, entropy_grad=cfg.entropy_coef > 0)
+        terms = self.policy_terms(batch, entropy_grad=self.entropy_bonus.trains_entropy)
         spec = PolicyLoss(aggregation="sequence_mean", eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high,
                           clip_delta=cfg.clip_delta)
         loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
                                              spec, terms.get("kl"), cfg.kl_coef)
-        if cfg.entropy_coef > 0:
-            loss = loss - cfg.entropy_coef * aggregate(terms["entropy"], terms["mask"], "sequence_mean")
+        if self.entropy_bonus.applied > 0:
+            loss = loss - self.entropy_bonus.applied * aggregate(terms["entropy"], terms["mask"], "sequence_mean")
         return loss, self.common_metrics(terms, clipped)
 
     def loss_weight(self, batch) -> float:

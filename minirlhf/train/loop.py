@@ -110,8 +110,9 @@ class Algorithm:
             if value is old:
                 setattr(self, attr, module)
 
-    def after_step(self, step: int) -> dict[str, float]:
-        """Called after optimizer step `step` (1-based) was applied; returns metrics to log with it."""
+    def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Called after optimizer step `step` (1-based) was applied, with its metrics (averaged over micro-batches
+        and ranks, so every rank sees the same); returns further metrics to log with it."""
         return {}
 
     def state_dict(self) -> dict[str, Any]:
@@ -375,7 +376,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         bad_steps = 0
         optimizer.step()
         scheduler.step()
-        metrics.update(algo.after_step(step + 1))
+        metrics.update(algo.after_step(step + 1, metrics))
         metrics.update(lr=scheduler.get_last_lr()[0], grad_norm=float(grad_norm), elapsed_s=time.time() - t0)
         if log:
             log.log(step + 1, metrics)
