@@ -152,7 +152,7 @@ def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(pipe
               batch_size=64, grad_accum=1, eval_data="")
     after = focus_reward(out / "final", focus, seed=123)
     print(f"{loss_type}: focus-prompt reward {before:.3f} -> {after:.3f}")
-    assert after - before >= 0.15, (loss_type, before, after)
+    assert after - before >= 0.15, (loss_type, before, after)  # measured 0.414 -> 0.68-0.70 (+0.26 to +0.29)
 
 
 def test_kl_coef_zero_loads_no_reference(pipeline):
