@@ -136,16 +136,16 @@ class GRPO(OnlineRL):
         if not cfg.dynamic_sampling:
             return exp, {}
         n, parts = cfg.prompts_per_rollout, [exp]
-        first_share = float(group_has_variance(exp["rewards"], cfg.group_size).float().mean())
-        while sum(int(group_has_variance(p["rewards"], cfg.group_size).sum()) for p in parts) < n \
-                and len(parts) < cfg.max_sampling_tries:
+        flags = [group_has_variance(exp["rewards"], cfg.group_size)]
+        first_share = float(flags[0].float().mean())
+        while sum(int(f.sum()) for f in flags) < n and len(parts) < cfg.max_sampling_tries:
             prompts = self.refill_order.take((rollout * cfg.max_sampling_tries + len(parts) - 1) * n, n)
             parts.append(self.sample_rows(prompts, rollout, attempt=len(parts))[0])
-        stacked = stack_rows(parts)
-        informative = group_has_variance(stacked["rewards"], cfg.group_size)
-        groups = sorted((informative.nonzero().flatten().tolist() + (~informative).nonzero().flatten().tolist())[:n])
-        rows = torch.tensor([g * cfg.group_size + j for g in groups for j in range(cfg.group_size)],
-                            device=stacked["rewards"].device)
+            flags.append(group_has_variance(parts[-1]["rewards"], cfg.group_size))
+        stacked, informative = stack_rows(parts), torch.cat(flags)
+        # informative groups first, groups without variance to fill up; kept in sampling order
+        groups = torch.cat([informative.nonzero().flatten(), (~informative).nonzero().flatten()])[:n].sort().values
+        rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=groups.device)).flatten()
         return ({k: v[rows] for k, v in stacked.items()},
                 {"dynamic_sampling/samplings": float(len(parts)), "dynamic_sampling/first_informative": first_share})
 

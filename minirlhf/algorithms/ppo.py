@@ -103,7 +103,9 @@ class PPO(OnlineRL):
         terms = self.policy_terms(batch, entropy_grad=self.entropy_bonus.trains_entropy)
         per_token, clipped = clip_surrogate(terms["logps"] - terms["old_logps"], batch["advantages"],
                                             cfg.clip_eps_low, cfg.clip_eps_high, cfg.clip_delta)
-        policy_loss = aggregate(per_token - self.entropy_bonus.applied * terms["entropy"], terms["mask"], "token_mean")
+        if self.entropy_bonus.applied > 0:
+            per_token = per_token - self.entropy_bonus.applied * terms["entropy"]
+        policy_loss = aggregate(per_token, terms["mask"], "token_mean")
         value_loss, value_clip_frac = ppo_value_loss(self._values(batch), batch["values"], batch["returns"],
                                                      terms["mask"], cfg.value_clip)
         metrics = self.common_metrics(terms, clipped)
