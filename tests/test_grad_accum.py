@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from minirlhf.algorithms.experience import Experience
 from minirlhf.algorithms.grpo import GRPO, GRPOConfig
 from minirlhf.algorithms.online_dpo import OnlineDPO, OnlineDPOConfig
 from minirlhf.algorithms.sft import LanguageModeling, LMConfig
@@ -22,7 +23,7 @@ ROWS, WIDTH, PROMPT = 8, 14, 3
 PROMPTS = [PromptExample([{"role": "user", "content": "1+1"}], "2")]
 
 
-def rollout(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def rollout(vocab: int, seed: int = 0) -> Experience:
     """8 rows (2 groups of 4): prompt of 3 tokens, completions of 1..10 tokens, right padding."""
     g = torch.Generator().manual_seed(seed)
     lengths = [1, 10, 4, 7, 2, 9, 5, 3]
@@ -34,19 +35,18 @@ def rollout(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
         completion[i, PROMPT:PROMPT + n] = 1
     ids = ids * attention
     rewards = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.5, 0.0])  # group 0 has no variance
-    return {"input_ids": ids, "attention_mask": attention, "completion_mask": completion, "rewards": rewards,
-            "prompt_index": torch.tensor([0] * 4 + [1] * 4),
-            "ref_logps": -torch.rand(ROWS, WIDTH - 1, generator=g) * completion[:, 1:],
-            "old_logps": -torch.rand(ROWS, WIDTH - 1, generator=g) * completion[:, 1:]}
+    lengths = torch.tensor(lengths, dtype=torch.float)
+    return Experience(ids, attention, completion, rewards, lengths, torch.zeros(ROWS), torch.tensor([0] * 4 + [1] * 4),
+                      ref_logps=-torch.rand(ROWS, WIDTH - 1, generator=g) * completion[:, 1:],
+                      old_logps=-torch.rand(ROWS, WIDTH - 1, generator=g) * completion[:, 1:])
 
 
-def with_advantages(algo, rewards: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+def with_advantages(algo, rewards: torch.Tensor | None = None) -> Experience:
     """The test rollout (optionally with other rewards) after the method's own advantage step."""
     exp = rollout(algo.policy.config.vocab_size)
     if rewards is not None:
-        exp["rewards"] = rewards
-    algo.advantages(exp)
-    return exp
+        exp = exp.replace(rewards=rewards)
+    return algo.advantages(exp)
 
 
 def gradients(algo, policy, batches) -> torch.Tensor:
@@ -55,8 +55,8 @@ def gradients(algo, policy, batches) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None])
 
 
-def split(exp: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
-    return [{k: v[i:i + size] for k, v in exp.items()} for i in range(0, ROWS, size)]
+def split(exp: Experience, size: int) -> list[Experience]:
+    return [exp.select(torch.arange(i, i + size)) for i in range(0, ROWS, size)]
 
 
 def assert_accumulation_exact(algo, policy, exp, sizes=(1, 2, 4)) -> None:
@@ -109,7 +109,7 @@ def test_sft_accumulated_gradient_is_the_token_mean_of_the_whole_batch(make_mode
     policy = make_model().train()
     exp = rollout(policy.config.vocab_size)
     algo = LanguageModeling(policy, None, [([1, 2], [0, 1])], LMConfig(batch_size=ROWS))
-    batch = (exp["input_ids"], exp["attention_mask"], exp["completion_mask"])
+    batch = (exp.input_ids, exp.attention_mask, exp.completion_mask)
     whole = gradients(algo, policy, [batch])
     for size in (1, 2, 4):
         parts = [tuple(t[i:i + size] for t in batch) for i in range(0, ROWS, size)]
@@ -159,7 +159,7 @@ def test_online_dpo_log_probs_are_at_temperature_one(make_model, tokenizer):
     cfg = OnlineDPOConfig(prompts_per_rollout=4, batch_size=ROWS, beta=0.1, preference="reward", temperature=0.7)
     algo = OnlineDPO(policy, None, tokenizer, PROMPTS, None, [], pairwise=None, eval_pairs=[], cfg=cfg)
     exp = rollout(policy.config.vocab_size)
-    expected, _ = completion_logprobs(policy, exp["input_ids"], exp["attention_mask"], exp["completion_mask"], 1.0)
+    expected, _ = completion_logprobs(policy, exp.input_ids, exp.attention_mask, exp.completion_mask, 1.0)
     torch.testing.assert_close(algo.policy_terms(exp)["logps"], expected)
 
 

@@ -119,9 +119,9 @@ def stage_values(stage: str, hf_dir, task_data, out_dir, lora: int) -> dict:
         "grpo": {"group_size": 2, **online},
         "ppo": online,
         "spo": online,
-        "online-dpo": {"judge_model": str(hf_dir), **online},
-        # a random judge never answers "Score: N"; with judges alone that rollout would be an error (no usable
-        # reward), so the rule reward rides along
+        # a random judge never answers "Better: N" or "Score: N"; with judges alone a rollout would be an error (no
+        # usable reward), so online DPO prefers by the reward here and the rule reward rides along with RLAIF's judge
+        "online-dpo": {"preference": "reward", **online},
         "rlaif": {"group_size": 2, "reward": "judge:1,answer:1", "judge_model": str(hf_dir), **online},
     }[stage]}
 

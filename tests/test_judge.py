@@ -240,8 +240,27 @@ def test_online_dpo_with_the_pairwise_judge_logs_its_verdicts_not_a_constant_rew
     algo = OnlineDPO(policy, load_policy(start_model_dir).eval(), Tokenizer.load(start_model_dir), prompts, None, [],
                      pairwise=judge, eval_pairs=[], cfg=cfg)
     exp = algo.make_experience(0)
-    stats = algo.rollout_stats
+    stats = exp.stats
     assert "reward" not in stats and stats["valid_pairs"] == 0.0
     assert stats["judge/inconsistent"] == 2.0  # both pairs: the verdict flipped with the order
     _, metrics = algo.loss(exp)
     assert "clip_ratio" not in metrics and "reward" not in metrics
+
+
+def test_online_dpo_stops_when_the_pairwise_judge_never_answers(start_model_dir):
+    """Every pairwise verdict failed: each pair is a tie and the rollout teaches nothing, which is an error (as for
+    a pointwise judge), not a run that trains on nothing."""
+    from minirlhf.algorithms.online import RewardSignalError
+    from minirlhf.algorithms.online_dpo import OnlineDPO, OnlineDPOConfig
+    from minirlhf.config import build_config
+    from minirlhf.data.formats import PromptExample
+    from minirlhf.model import load_policy
+    from minirlhf.tokenizer import Tokenizer
+
+    cfg = build_config(OnlineDPOConfig, {"model": str(start_model_dir), "data": "unused", "prompts_per_rollout": 2,
+                                         "batch_size": 4, "max_new_tokens": 4, "preference": "judge"}, where="odpo")
+    prompts = [PromptExample([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(2)]
+    algo = OnlineDPO(load_policy(start_model_dir), None, Tokenizer.load(start_model_dir), prompts, None, [],
+                     pairwise=PairwiseJudge(StubBackend(lambda m: None)), eval_pairs=[], cfg=cfg)
+    with pytest.raises(RewardSignalError, match="none of its 4 samples got a usable reward"):
+        algo.make_experience(0)

@@ -329,19 +329,21 @@ def test_dpo_loss_matches_trl_on_a_tiny_llama(tokenizer, tmp_path):
 
 
 def test_online_dpo_pairs_the_best_and_worst_of_n_samples():
-    from types import SimpleNamespace
-
-    from minirlhf.algorithms.online_dpo import OnlineDPO
+    from minirlhf.algorithms.experience import Experience
+    from minirlhf.algorithms.online_dpo import preference_pairs
 
     rewards = torch.tensor([0.0, 1.0, 0.5, 1.0,   # best = row 1 (first max), worst = row 0
                             1.0, 1.0, 1.0, 1.0,   # all equal: a tie, kept but invalid
                             0.2, 0.0, 0.9, 0.1])  # best = row 10, worst = row 9: kept in sampling order
-    exp = {"rewards": rewards, "row": torch.arange(12)}
-    stats = OnlineDPO.advantages(SimpleNamespace(samples_per_prompt=4), exp)
-    assert exp["row"].tolist() == [0, 1, 4, 5, 9, 10]
-    assert exp["is_chosen"].tolist() == [0, 1, 0, 1, 0, 1]  # (the tie's labels do not matter: it is invalid)
-    assert exp["pair_valid"].tolist() == [1, 1, 0, 0, 1, 1]
-    assert stats["valid_pairs"] == pytest.approx(2 / 3)
+    rows = torch.arange(12)
+    ids = rows[:, None].repeat(1, 5)
+    exp = Experience(ids, torch.ones_like(ids), torch.ones_like(ids), rewards, torch.ones(12), torch.zeros(12), rows)
+    pairs = preference_pairs(exp, 4)
+    assert pairs.prompt_index.tolist() == [0, 1, 4, 5, 9, 10] and pairs.input_ids[:, 0].tolist() == [0, 1, 4, 5, 9, 10]
+    assert pairs.is_chosen.tolist() == [0, 1, 0, 1, 0, 1]  # (the tie's labels do not matter: it is invalid)
+    assert pairs.pair_valid.tolist() == [1, 1, 0, 0, 1, 1]
+    assert pairs.stats["valid_pairs"] == pytest.approx(2 / 3)
+    assert preference_pairs(exp, 2).pair_valid.tolist() == [1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1]
 
 
 def test_reference_sync_hard_copy_restarts_every_dpo_step_at_log2(tmp_path, task_data, start_model_dir):

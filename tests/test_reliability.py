@@ -197,16 +197,16 @@ def _grpo(start_model_dir, reward, **values) -> GRPO:
 def test_rewards_are_clipped_to_the_configured_range(clip, expected, start_model_dir):
     algo = _grpo(start_model_dir, FixedReward([1e6, -1e6, 3.0, -0.5]), reward_clip=clip)
     exp = algo.make_experience(0)
-    assert exp["rewards"].tolist() == expected
-    assert torch.isfinite(exp["advantages"]).all()
-    assert algo.rollout_stats["reward"] == pytest.approx(sum(expected) / 4)
+    assert exp.rewards.tolist() == expected
+    assert torch.isfinite(exp.advantages).all()
+    assert exp.stats["reward"] == pytest.approx(sum(expected) / 4)
 
 
 def test_infinite_rewards_are_clipped(start_model_dir):
     algo = _grpo(start_model_dir, FixedReward([float("inf"), float("-inf"), 1.0, 0.0]), reward_clip=5.0)
     exp = algo.make_experience(0)
-    assert exp["rewards"].tolist() == [5.0, -5.0, 1.0, 0.0]
-    assert torch.isfinite(exp["advantages"]).all()
+    assert exp.rewards.tolist() == [5.0, -5.0, 1.0, 0.0]
+    assert torch.isfinite(exp.advantages).all()
 
 
 def test_truncated_completions_are_masked_out_and_overlong_ones_penalised(start_model_dir):
@@ -216,15 +216,15 @@ def test_truncated_completions_are_masked_out_and_overlong_ones_penalised(start_
     algo = _grpo(start_model_dir, FixedReward([1.0, 0.0, 1.0, 0.0]), mask_truncated_completions=True,
                  overlong_buffer=2, overlong_penalty=1.0)
     exp = algo.make_experience(0)
-    completion = exp["input_ids"][:, -4:]
-    sampled = exp["attention_mask"][:, -4:].bool()
+    completion = exp.input_ids[:, -4:]
+    sampled = exp.attention_mask[:, -4:].bool()
     no_eos = ~((completion == algo.tokenizer.eos_id) & sampled).any(1)
-    assert exp["truncated"].bool().tolist() == no_eos.tolist() and no_eos.any()
-    assert (exp["completion_mask"].sum(1) == 0).tolist() == no_eos.tolist()  # no loss on truncated rows
+    assert exp.truncated.bool().tolist() == no_eos.tolist() and no_eos.any()
+    assert (exp.completion_mask.sum(1) == 0).tolist() == no_eos.tolist()  # no loss on truncated rows
     lengths = sampled.sum(1).float()
-    assert exp["rewards"].tolist() == pytest.approx(
+    assert exp.rewards.tolist() == pytest.approx(
         (torch.tensor([1.0, 0.0, 1.0, 0.0]) - (lengths - 2).clamp(min=0) / 2).tolist())
-    assert algo.rollout_stats["truncated"] == pytest.approx(float(no_eos.float().mean()))
+    assert exp.stats["truncated"] == pytest.approx(float(no_eos.float().mean()))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -333,8 +333,8 @@ def test_hugging_face_model_dir_with_pickled_weights_is_refused(tmp_path, task_d
 def test_nan_rewards_do_not_poison_the_rollout(start_model_dir):
     algo = _grpo(start_model_dir, FixedReward([float("nan"), 1.0, 0.0, 1.0]), reward_clip=5.0)
     exp = algo.make_experience(0)
-    assert torch.isfinite(exp["rewards"]).all() and torch.isfinite(exp["advantages"]).all()
-    assert exp["rewards"][0] == 0.0 and algo.rollout_stats["reward/nonfinite"] >= 1
+    assert torch.isfinite(exp.rewards).all() and torch.isfinite(exp.advantages).all()
+    assert exp.rewards[0] == 0.0 and exp.stats["reward/nonfinite"] >= 1
 
 
 class LengthMultipleOf5:
@@ -355,20 +355,21 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ(start_model_dir):
     def experience(**values):
         algo = _grpo(start_model_dir, LengthMultipleOf5(), group_size=4, prompts_per_rollout=2, batch_size=8,
                      max_new_tokens=6, **values)
-        return algo.make_experience(0), algo.rollout_stats
+        exp = algo.make_experience(0)
+        return exp, exp.stats
 
     plain, plain_stats = experience()
     dynamic, stats = experience(dynamic_sampling=True, max_sampling_tries=8)
-    assert group_has_variance(dynamic["rewards"], 4).all() and dynamic["rewards"].shape == (8,)
-    assert group_has_variance(plain["rewards"], 4).float().mean() == stats["dynamic_sampling/first_informative"]
+    assert group_has_variance(dynamic.rewards, 4).all() and dynamic.rewards.shape == (8,)
+    assert group_has_variance(plain.rewards, 4).float().mean() == stats["dynamic_sampling/first_informative"]
     assert stats["dynamic_sampling/first_informative"] == 0.5  # measured: one group of two had variance ...
     assert stats["dynamic_sampling/samplings"] == 2  # ... so one more sampling was drawn
     for g in range(2):  # whole groups: 4 samples of one prompt each
-        assert dynamic["prompt_index"][4 * g:4 * g + 4].unique().numel() == 1
+        assert dynamic.prompt_index[4 * g:4 * g + 4].unique().numel() == 1
     again, _ = experience(dynamic_sampling=True, max_sampling_tries=8)
-    assert all(torch.equal(dynamic[k], again[k]) for k in dynamic)
+    assert all(torch.equal(v, again.tensors()[k]) for k, v in dynamic.tensors().items())
     one_try, _ = experience(dynamic_sampling=True, max_sampling_tries=1)
-    assert all(torch.equal(plain[k], one_try[k]) for k in plain)
+    assert all(torch.equal(v, one_try.tensors()[k]) for k, v in plain.tensors().items())
 
 
 def test_normalize_then_sum_uses_each_rewards_scores(start_model_dir):
@@ -388,9 +389,9 @@ def test_normalize_then_sum_uses_each_rewards_scores(start_model_dir):
     algo = _grpo(start_model_dir, reward, group_size=4, prompts_per_rollout=2, batch_size=8, max_new_tokens=6,
                  advantage="normalize_then_sum")
     exp = algo.make_experience(0)
-    assert exp["reward_parts"].shape == (8, 2)
-    assert torch.equal(exp["rewards"], exp["reward_parts"] @ torch.tensor([1.0, 0.01]))
-    expected = normalize_then_sum_advantages(exp["reward_parts"], torch.tensor([1.0, 0.01]), 4)
-    torch.testing.assert_close(exp["advantages"].sum(1) / exp["completion_mask"][:, 1:].sum(1), expected)
+    assert exp.reward_parts.shape == (8, 2)
+    assert torch.equal(exp.rewards, exp.reward_parts @ torch.tensor([1.0, 0.01]))
+    expected = normalize_then_sum_advantages(exp.reward_parts, torch.tensor([1.0, 0.01]), 4)
+    torch.testing.assert_close(exp.advantages.sum(1) / exp.completion_mask[:, 1:].sum(1), expected)
     with pytest.raises(ConfigError, match="normalize_then_sum"):
         _grpo(start_model_dir, LengthMultipleOf5(), advantage="normalize_then_sum")

@@ -162,20 +162,20 @@ def test_a_rollout_without_one_usable_reward_is_an_error():
     from minirlhf.rewards.base import WeightedSum
 
     with pytest.raises(RewardSignalError, match="none of its 8 samples got a usable reward .8 judge requests failed"):
-        check_reward_signal(WeightedSum([(_FailingJudge(8), 1.0)]), 8, 0.0, 3, 0.2)
+        check_reward_signal(WeightedSum([(_FailingJudge(8), 1.0)]).reports(), 8, 0.0, 3, 0.2)
     with pytest.raises(RewardSignalError, match="8 non-finite scores"):
-        check_reward_signal(WeightedSum([(AnswerReward(), 1.0)]), 8, 8.0, 3, 0.2)
+        check_reward_signal(WeightedSum([(AnswerReward(), 1.0)]).reports(), 8, 8.0, 3, 0.2)
 
 
 def test_a_rollout_with_many_unusable_rewards_warns(capsys):
     from minirlhf.algorithms.online import check_reward_signal
     from minirlhf.rewards.base import WeightedSum
 
-    check_reward_signal(WeightedSum([(_FailingJudge(3), 1.0)]), 8, 0.0, 5, 0.2)
+    check_reward_signal(WeightedSum([(_FailingJudge(3), 1.0)]).reports(), 8, 0.0, 5, 0.2)
     assert "rollout 5: 38% of the samples got no usable reward (3 judge requests failed" in capsys.readouterr().err
-    check_reward_signal(WeightedSum([(_FailingJudge(1), 1.0)]), 8, 0.0, 5, 0.2)  # 12% is below the threshold
+    check_reward_signal(WeightedSum([(_FailingJudge(1), 1.0)]).reports(), 8, 0.0, 5, 0.2)  # 12% is below the threshold
     # with a rule reward beside it, a failed judge still leaves a usable reward: a warning, not an error
-    check_reward_signal(WeightedSum([(_FailingJudge(8), 1.0), (AnswerReward(), 1.0)]), 8, 0.0, 6, 0.2)
+    check_reward_signal(WeightedSum([(_FailingJudge(8), 1.0), (AnswerReward(), 1.0)]).reports(), 8, 0.0, 6, 0.2)
     assert capsys.readouterr().err.count("warning") == 1
 
 

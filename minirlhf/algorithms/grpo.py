@@ -24,6 +24,7 @@ from ..config import ConfigError, field
 from ..data.batching import ExampleOrder
 from ..rewards import WeightedSum
 from ..train.loop import train
+from .experience import Experience
 from .online import OnlineRL, PolicyGradientConfig, load_online
 from .policy_gradient import (
     Aggregation,
@@ -90,19 +91,6 @@ def group_has_variance(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return grouped.max(1).values > grouped.min(1).values
 
 
-def stack_rows(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Rows of several samplings (same keys, same prompt width) in one buffer: per-token tensors are right-padded
-    with 0 to the widest completion (masks are 0 there, as in distributed.gather_rows)."""
-    out = {}
-    for key in parts[0]:
-        tensors = [p[key] for p in parts]
-        if tensors[0].dim() > 1:
-            width = max(t.shape[1] for t in tensors)
-            tensors = [torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors]
-        out[key] = torch.cat(tensors)
-    return out
-
-
 def policy_loss_spec(cfg: GRPOConfig) -> PolicyLoss:
     """The loss `cfg` asks for: its `loss_type` preset, with any part set explicitly taking precedence."""
     surrogate, aggregation, level = LOSS_PRESETS[cfg.loss_type]
@@ -125,8 +113,7 @@ class GRPO(OnlineRL):
             self.prompt_width = max(len(ids) for ids in self.prompt_ids)
             self.refill_order = ExampleOrder(len(self.prompts), cfg.seed + 1)
 
-    def complete_rollout(self, exp: dict[str, torch.Tensor], rollout: int
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def complete_rollout(self, exp: Experience, rollout: int) -> Experience:
         """DAPO's dynamic sampling (Yu et al., 2025): a group whose G rewards are all equal has zero advantage and
         teaches nothing, so sample further prompts (from their own seeded stream, so resume stays exact) until
         prompts_per_rollout groups have reward variance, then keep those; after max_sampling_tries samplings,
@@ -134,63 +121,60 @@ class GRPO(OnlineRL):
         informative groups."""
         cfg: GRPOConfig = self.cfg
         if not cfg.dynamic_sampling:
-            return exp, {}
+            return exp
         n, parts = cfg.prompts_per_rollout, [exp]
-        flags = [group_has_variance(exp["rewards"], cfg.group_size)]
+        flags = [group_has_variance(exp.rewards, cfg.group_size)]
         first_share = float(flags[0].float().mean())
         while sum(int(f.sum()) for f in flags) < n and len(parts) < cfg.max_sampling_tries:
             prompts = self.refill_order.take((rollout * cfg.max_sampling_tries + len(parts) - 1) * n, n)
-            parts.append(self.sample_rows(prompts, rollout, attempt=len(parts))[0])
-            flags.append(group_has_variance(parts[-1]["rewards"], cfg.group_size))
-        stacked, informative = stack_rows(parts), torch.cat(flags)
+            parts.append(self.sample_rows(prompts, rollout, attempt=len(parts)))
+            flags.append(group_has_variance(parts[-1].rewards, cfg.group_size))
+        stacked, informative = Experience.concat(parts), torch.cat(flags)
         # informative groups first, groups without variance to fill up; kept in sampling order
         groups = torch.cat([informative.nonzero().flatten(), (~informative).nonzero().flatten()])[:n].sort().values
         rows = (groups[:, None] * cfg.group_size + torch.arange(cfg.group_size, device=groups.device)).flatten()
-        return ({k: v[rows] for k, v in stacked.items()},
-                {"dynamic_sampling/samplings": float(len(parts)), "dynamic_sampling/first_informative": first_share})
+        stats = {**exp.stats, "dynamic_sampling/samplings": float(len(parts)),
+                 "dynamic_sampling/first_informative": first_share}
+        return stacked.select(rows).replace(stats=stats)
 
-    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
+    def advantages(self, exp: Experience) -> Experience:
         cfg: GRPOConfig = self.cfg
-        rewards, mask = exp["rewards"], exp["completion_mask"][:, 1:].float()
+        rewards, mask = exp.rewards, exp.loss_mask
         if cfg.advantage == "reinforce_pp":
             token_rewards = torch.zeros_like(mask)
             last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
             token_rewards[torch.arange(len(rewards)), last] = rewards
-            if "ref_logps" in exp:
-                policy_logps = exp.get("old_logps")
-                if policy_logps is None:
-                    policy_logps = self._logprobs(self.policy, exp)[0]
-                token_rewards = token_rewards - cfg.kl_coef * kl_estimate(policy_logps, exp["ref_logps"], "k1") * mask
-            exp["advantages"] = masked_whiten(discounted_returns(token_rewards, mask), mask)
-            return {}
+            if exp.ref_logps is not None:
+                policy_logps = exp.old_logps if exp.old_logps is not None else self._logprobs(self.policy, exp)[0]
+                token_rewards = token_rewards - cfg.kl_coef * kl_estimate(policy_logps, exp.ref_logps, "k1") * mask
+            return exp.replace(advantages=masked_whiten(discounted_returns(token_rewards, mask), mask))
         if cfg.advantage == "rloo":
             per_sequence = rloo_advantages(rewards, cfg.group_size)
         elif cfg.advantage == "normalize_then_sum":  # the parts unclipped and unshaped, as the reward functions gave
-            per_sequence = normalize_then_sum_advantages(exp["reward_parts"], self.reward.weights, cfg.group_size)
+            per_sequence = normalize_then_sum_advantages(exp.reward_parts, self.reward.weights, cfg.group_size)
         else:
             per_sequence = group_advantages(rewards, cfg.group_size, cfg.scale_rewards)
         informative = group_has_variance(rewards, cfg.group_size).repeat_interleave(cfg.group_size)
-        if cfg.skip_zero_variance:
-            exp["completion_mask"] = exp["completion_mask"] * informative[:, None]
-        exp["advantages"] = per_sequence[:, None] * mask
-        return {"zero_variance_groups": float(1 - informative.float().mean())}
+        completion_mask = exp.completion_mask * informative[:, None] if cfg.skip_zero_variance else exp.completion_mask
+        return exp.replace(advantages=per_sequence[:, None] * mask, completion_mask=completion_mask,
+                           stats={**exp.stats, "zero_variance_groups": float(1 - informative.float().mean())})
 
-    def loss(self, batch):
+    def loss(self, batch: Experience):
         cfg: GRPOConfig = self.cfg
         terms = self.policy_terms(batch, entropy_grad=self.entropy_bonus.trains_entropy)
         kl_in_loss = terms.get("kl") if cfg.advantage != "reinforce_pp" else None
         forking = None
         if cfg.top_entropy_quantile < 1:  # per micro-batch (as TRL): not exact under gradient accumulation
             forking = high_entropy_mask(terms["entropy"], terms["mask"], cfg.top_entropy_quantile)
-        loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
+        loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch.advantages, terms["mask"],
                                              self.loss_spec, kl_in_loss, cfg.kl_coef, cfg.max_new_tokens, forking)
         if self.entropy_bonus.applied > 0:  # averaged like the policy loss, so gradient accumulation stays exact
             entropy = aggregate(terms["entropy"], terms["mask"], self.loss_spec.aggregation, cfg.max_new_tokens)
             loss = loss - self.entropy_bonus.applied * entropy
-        return loss, self.common_metrics(terms, clipped)
+        return loss, self.common_metrics(batch, terms, clipped)
 
-    def loss_weight(self, batch) -> float:
-        return aggregate_units(batch["completion_mask"][:, 1:], self.loss_spec.aggregation)
+    def loss_weight(self, batch: Experience) -> float:
+        return aggregate_units(batch.loss_mask, self.loss_spec.aggregation)
 
 
 def run(cfg: GRPOConfig) -> dict[str, float]:

@@ -7,8 +7,12 @@ by (seed, rollout), old and reference log-probs come from batched no-grad passes
 skipped when each rollout gets a single update: then π_old = π exactly), and the buffer is part of the
 checkpoint, so `resume` continues exactly even mid-rollout.
 
-A method subclasses `OnlineRL` and implements `advantages(exp)` (fill exp["advantages"], per token) and
-`loss(mini_batch)`; it may override `select_prompts` (SPO's prioritised sampling) and `score` hooks.
+One GRPO step reads top to bottom: `make_experience` = `sample_rows` (sample, score, log-probs: an
+`Experience`) -> `complete_rollout` (GRPO's dynamic sampling draws more) -> `advantages` (the method's
+targets) ; then `micro_batches` slices it and `loss` turns a slice into a loss. Each hook returns a new
+`Experience` (its metrics in `stats`, logged with every step the rollout serves) rather than mutating one.
+A method subclasses `OnlineRL` and implements `advantages(exp)` and `loss(batch)`; it may override
+`select_prompts` (SPO's prioritised sampling), `complete_rollout` and `score`.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig
 from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
+from .experience import Experience
 from .policy_gradient import adaptive_entropy_coef, kl_estimate
 
 
@@ -141,16 +146,17 @@ class RewardSignalError(SetupError):
     """A whole rollout without one usable reward: training on it would teach nothing (e.g. the judge is down)."""
 
 
-def check_reward_signal(reward, rows: int, nonfinite: float, rollout: int, warn_share: float) -> None:
+def check_reward_signal(reports: list[dict[str, float]], rows: int, nonfinite: float, rollout: int,
+                        warn_share: float) -> None:
     """Count the samples of a rollout that got no usable reward (a non-finite score, or a judge request that
-    failed or replied unparsably and so got `judge_fallback`); warn on stderr above `warn_share` and raise
-    RewardSignalError when none is usable. Judge failures spoil the whole reward only when judges are all it has."""
-    parts = [fn for fn, _ in getattr(reward, "parts", [(reward, 1.0)])]
-    judges = [fn for fn in parts if hasattr(fn, "stats") and "judge/backend_errors" in fn.stats]
-    errors = sum(fn.stats["judge/backend_errors"] for fn in judges)
-    unparsable = sum(fn.stats["judge/parse_failures"] for fn in judges)
+    failed or replied unparsably and so got `judge_fallback`) from the reward functions' `reports` (one per
+    function, WeightedSum.reports); warn on stderr above `warn_share` and raise RewardSignalError when none is
+    usable. Judge failures spoil the whole reward only when judges are all it has."""
+    judges = [r for r in reports if "judge/backend_errors" in r]
+    errors = sum(r["judge/backend_errors"] for r in judges)
+    unparsable = sum(r["judge/parse_failures"] for r in judges)
     judge_failed = min(float(rows), errors + unparsable)
-    unusable = max(nonfinite, judge_failed if len(judges) == len(parts) else 0.0)
+    unusable = max(nonfinite, judge_failed if judges and len(judges) == len(reports) else 0.0)
     if rows and unusable >= rows:
         raise RewardSignalError(f"rollout {rollout}: none of its {rows} samples got a usable reward ({errors:.0f} "
                                 f"judge requests failed, {unparsable:.0f} judge replies unparsable, {nonfinite:.0f} "
@@ -170,6 +176,7 @@ class OnlineRL(Algorithm):
     # Policy-gradient ratios compare the sampling distribution, so log-probs use the sampling temperature
     # (as TRL's GRPOTrainer); a method whose loss is about the model itself (DPO) sets this to False: T = 1.
     logprobs_at_sampling_temperature = True
+    experience_type: type[Experience] = Experience  # what `advantages` returns (PPO and online DPO extend it)
 
     def __init__(self, policy, reference, tokenizer: Tokenizer, prompts: list[PromptExample], reward,
                  eval_prompts: list[PromptExample], cfg: OnlineConfig) -> None:
@@ -194,11 +201,10 @@ class OnlineRL(Algorithm):
             raise ValueError(f"prompts_per_rollout ({cfg.prompts_per_rollout}) must divide by the {world} processes")
         self.minibatches_per_epoch = rollout_size // mini_batch
         self.updates_per_rollout = self.minibatches_per_epoch * cfg.epochs_per_rollout
-        self.experience: dict[str, torch.Tensor] = {}
+        self.experience: Experience | None = None  # the current rollout's
         self.vllm = None  # started on the first rollout when generation_backend is vllm
         self.rollout_index = -1
-        self.history: list[dict[str, float]] = []
-        self.rollout_stats: dict[str, float] = {}
+        self.recent: list[dict[str, float]] = []  # reward and KL of the last steps, for `evaluate`
         self.prompt_width: int | None = None  # None: each rollout's own longest prompt
         self.entropy_bonus = EntropyBonus(cfg) if isinstance(cfg, PolicyGradientConfig) else None
 
@@ -211,29 +217,26 @@ class OnlineRL(Algorithm):
         n = self.cfg.prompts_per_rollout
         return self.prompt_order.take(rollout * n, n)
 
-    def _logprobs(self, model, exp: dict[str, torch.Tensor], with_entropy: bool = False, entropy_grad: bool = False):
+    def _logprobs(self, model, exp: Experience, with_entropy: bool = False, entropy_grad: bool = False):
         temperature = self.cfg.temperature if self.logprobs_at_sampling_temperature else 1.0
-        return completion_logprobs(model, exp["input_ids"], exp["attention_mask"], exp["completion_mask"],
+        return completion_logprobs(model, exp.input_ids, exp.attention_mask, exp.completion_mask,
                                    temperature, return_entropy=with_entropy, entropy_grad=entropy_grad)
 
     @torch.no_grad()
-    def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
+    def make_experience(self, rollout: int) -> Experience:
         """Sample and score the rollout's prompts (`sample_rows`), let the method complete the rollout (GRPO's
-        dynamic sampling draws more prompts), then compute the method's advantages and the rollout's stats."""
-        exp, stats = self.sample_rows(self.select_prompts(rollout), rollout)
-        exp, completion_stats = self.complete_rollout(exp, rollout)
-        stats = {**self.reward_stats(exp["rewards"]), **stats, **completion_stats,  # every sample, before the
-                 "completion_len": float(exp["lengths"].mean()),                   # method keeps some rows
-                 "truncated": float(exp["truncated"].mean())}
-        stats.update(self.advantages(exp))
-        self.rollout_stats = stats
-        return exp
+        dynamic sampling draws more prompts), then the method's advantages; stats ride along in `exp.stats`."""
+        exp = self.sample_rows(self.select_prompts(rollout), rollout)
+        exp = self.complete_rollout(exp, rollout)
+        exp = exp.replace(stats={**self.reward_stats(exp.rewards), **exp.stats,  # every sample, before the
+                                 "completion_len": float(exp.lengths.mean()),     # method keeps some rows
+                                 "truncated": float(exp.truncated.mean())})
+        return self.advantages(exp)
 
     @torch.no_grad()
-    def sample_rows(self, prompt_indices: list[int], rollout: int, attempt: int = 0
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def sample_rows(self, prompt_indices: list[int], rollout: int, attempt: int = 0) -> Experience:
         """`samples_per_prompt` completions of each prompt, scored, with their masks and old/reference log-probs
-        from batched no-grad passes; returns (rows, reward stats). Attempt a > 0 of a rollout draws other noise.
+        from batched no-grad passes, and the reward stats. Attempt a > 0 of a rollout draws other noise.
 
         Data parallel: each process samples and scores its contiguous slice of the rows (whole prompts, so
         whole GRPO groups) with the global batch's noise and prompt width, then the rows are gathered: every
@@ -251,11 +254,10 @@ class OnlineRL(Algorithm):
             out = generate(self.policy, [self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
                            self.tokenizer.pad_id, generator, rows=(offset, len(all_rows)), prompt_width=width)
         texts = self.tokenizer.batch_decode(out.completions())
-        examples = [self.prompts[i] for i in rows]
-        rewards, parts = self.score(examples, texts)
+        rewards, parts, reports = self.score([self.prompts[i] for i in rows], texts)
         rewards = rewards.float().to(self.device)
         nonfinite = float((~torch.isfinite(rewards)).sum())  # NaN counts as 0, ±inf as ±reward_clip
-        check_reward_signal(self.reward, len(rows), nonfinite, rollout, self.cfg.unusable_reward_warning)
+        check_reward_signal(reports, len(rows), nonfinite, rollout, self.cfg.unusable_reward_warning)
         rewards = rewards.nan_to_num(0.0).clamp(-self.cfg.reward_clip, self.cfg.reward_clip)
         lengths = out.completion_mask.sum(1)
         if self.cfg.overlong_buffer:
@@ -265,27 +267,25 @@ class OnlineRL(Algorithm):
         completion_mask = out.full_completion_mask
         if self.cfg.mask_truncated_completions:
             completion_mask = completion_mask * ~truncated[:, None]
-        exp = {"input_ids": out.input_ids, "attention_mask": out.attention_mask,
-               "completion_mask": completion_mask, "rewards": rewards, "lengths": lengths.float(),
-               "truncated": truncated.float(),
-               "prompt_index": torch.as_tensor(rows, device=self.device)}
-        if self.updates_per_rollout > 1 or self.needs_old_logps:
-            exp["old_logps"] = self._logprobs(self.policy, exp)[0]
-        if self.reference is not None:
-            exp["ref_logps"] = self._logprobs(self.reference, exp)[0]
+        exp = Experience(out.input_ids, out.attention_mask, completion_mask, rewards, lengths.float(),
+                         truncated.float(), torch.as_tensor(rows, device=self.device))
         if parts:  # (rows, rewards): what a multi-reward advantage (GDPO) normalises one by one
-            exp["reward_parts"] = torch.stack(list(parts.values()), 1).nan_to_num(0.0).to(self.device)
+            exp.reward_parts = torch.stack(list(parts.values()), 1).nan_to_num(0.0).to(self.device)
+        if self.updates_per_rollout > 1 or self.needs_old_logps:
+            exp.old_logps = self._logprobs(self.policy, exp)[0]
+        if self.reference is not None:
+            exp.ref_logps = self._logprobs(self.reference, exp)[0]
         stats = {"reward/nonfinite": nonfinite}
         for name, part in parts.items():
             stats[f"reward/{name}"] = float(part.mean())
-        for fn, _ in getattr(self.reward, "parts", []):
-            stats.update(getattr(fn, "stats", {}))
-        return distributed.gather_rows(exp), stats
+        for report in reports:
+            stats.update(report)
+        gathered = distributed.gather_rows(exp.tensors())
+        return Experience(**gathered, stats=stats)
 
-    def complete_rollout(self, exp: dict[str, torch.Tensor], rollout: int
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    def complete_rollout(self, exp: Experience, rollout: int) -> Experience:
         """The rollout's final rows from its first sample (identity here; GRPO's dynamic sampling adds more)."""
-        return exp, {}
+        return exp
 
     def _vllm_rollout(self, noise_seed: int, rows: list[int], offset: int, width: int):
         if self.vllm is None:
@@ -298,68 +298,70 @@ class OnlineRL(Algorithm):
         return self.vllm.generate([self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
                                   self.tokenizer.pad_id, seeds, self.device, width)
 
-    def score(self, examples: list[PromptExample], texts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(reward per row, each reward function's unweighted scores by name) for one rollout's completions; a
-        single reward function (not a `build_reward` sum) has no parts."""
+    def score(self, examples: list[PromptExample], texts: list[str]
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[dict[str, float]]]:
+        """(reward per row, each reward function's unweighted scores by name, each function's report on this
+        call) for one rollout's completions; a single reward function (not a `build_reward` sum) has no parts."""
         args = ([e.prompt for e in examples], texts, [{"answer": e.answer} for e in examples])
         if not isinstance(self.reward, WeightedSum):
-            return self.reward.score(*args), {}
+            return self.reward.score(*args), {}, []
         parts = self.reward.score_parts(*args)
-        return self.reward.combine(parts), parts
+        return self.reward.combine(parts), parts, self.reward.reports()
 
     def reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
         """The rollout's reward metrics (the mean is also what `evaluate` reports as `reward`)."""
         return {"reward": float(rewards.mean()), "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0}
 
-    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Add the method's training targets to `exp` (e.g. exp["advantages"], per token); return rollout stats."""
+    def advantages(self, exp: Experience) -> Experience:
+        """The rollout with the method's training targets (`advantages`, per token, or a subclass's own) and
+        their stats added to exp.stats."""
         raise NotImplementedError
 
     # --- the loop's interface --------------------------------------------------------------------------
-    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def micro_batches(self, step: int) -> list[Experience]:
         rollout, update = divmod(step, self.updates_per_rollout)
         if rollout != self.rollout_index:
             self.experience = self.make_experience(rollout)
             self.rollout_index = rollout
         epoch, minibatch = divmod(update, self.minibatches_per_epoch)
         size = self.cfg.batch_size * self.cfg.grad_accum * distributed.world_size()  # global; we take a slice
-        n = self.experience["rewards"].shape[0]
         generator = torch.Generator().manual_seed(self.cfg.seed * 7_919 + rollout * 101 + epoch)
         shuffle = self.minibatches_per_epoch > 1 and self.shuffle_rows
+        n = len(self.experience)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         rows = torch.as_tensor(distributed.shard(order[minibatch * size:(minibatch + 1) * size].tolist(), "rows"),
                                device=self.device)
-        return [{k: v[rows[i:i + self.cfg.batch_size]] for k, v in self.experience.items()}
-                for i in range(0, len(rows), self.cfg.batch_size)]
+        micro = self.cfg.batch_size
+        return [self.experience.select(rows[i:i + micro]) for i in range(0, len(rows), micro)]
 
-    def policy_terms(self, batch: dict[str, torch.Tensor], entropy_grad: bool = False) -> dict[str, torch.Tensor]:
+    def policy_terms(self, batch: Experience, entropy_grad: bool = False) -> dict[str, torch.Tensor]:
         """Current log-probs, old log-probs (detached current ones when π_old = π), mask, entropy (with its
         gradient if `entropy_grad`), KL."""
         logps, mask, entropy = self._logprobs(self.policy, batch, with_entropy=True, entropy_grad=entropy_grad)
         terms = {"logps": logps, "mask": mask, "entropy": entropy,
-                 "old_logps": batch["old_logps"] if "old_logps" in batch else logps.detach()}
-        if "ref_logps" in batch:
-            terms["kl"] = kl_estimate(logps, batch["ref_logps"], "k3")
+                 "old_logps": batch.old_logps if batch.old_logps is not None else logps.detach()}
+        if batch.ref_logps is not None:
+            terms["kl"] = kl_estimate(logps, batch.ref_logps, "k3")
         return terms
 
-    def common_metrics(self, terms: dict[str, torch.Tensor], clipped: torch.Tensor | None) -> dict[str, float]:
-        """Rollout stats plus this mini-batch's entropy, approx. KL to π_old, KL to the reference and (for a
+    def common_metrics(self, batch: Experience, terms: dict[str, torch.Tensor], clipped: torch.Tensor | None
+                       ) -> dict[str, float]:
+        """The rollout's stats plus this mini-batch's entropy, approx. KL to π_old, KL to the reference and (for a
         clipped or capped surrogate) the share of clipped tokens."""
         mask = terms["mask"]
         log_ratio = (terms["logps"] - terms["old_logps"]).detach()
-        metrics = {**self.rollout_stats,
+        metrics = {**batch.stats,
                    "entropy": float(masked_mean(terms["entropy"].detach(), mask)),
                    "approx_kl": float(masked_mean(0.5 * log_ratio**2, mask))}
         if clipped is not None:
             metrics["clip_ratio"] = float(masked_mean(clipped, mask))
         if "kl" in terms:
             metrics["kl"] = float(masked_mean(terms["kl"].detach(), mask))
-        self.history = self.history[-256:] + [{k: metrics[k] for k in ("reward", "kl") if k in metrics}]
         return metrics
 
     def evaluate(self, final: bool = True) -> dict[str, float]:
         metrics: dict[str, float] = {}
-        recent = self.history[-5 * self.updates_per_rollout:]
+        recent = self.recent[-5 * self.updates_per_rollout:]
         for key in ("reward", "kl"):
             values = [h[key] for h in recent if key in h]
             if values:
@@ -370,14 +372,15 @@ class OnlineRL(Algorithm):
         return metrics
 
     def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        self.recent = self.recent[-255:] + [{k: metrics[k] for k in ("reward", "kl") if k in metrics}]
         out = sync_reference(self.cfg, self.reference, self.policy, step)
         if self.entropy_bonus is not None and "entropy" in metrics:
             out.update(self.entropy_bonus.after_step(metrics["entropy"]))
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"rollout_index": self.rollout_index, "experience": self.experience,
-                 "rollout_stats": getattr(self, "rollout_stats", {}), "history": self.history}
+        state = {"rollout_index": self.rollout_index, "recent": self.recent,
+                 "experience": self.experience.state_dict() if self.experience is not None else None}
         if self.entropy_bonus is not None:
             state["entropy_bonus"] = self.entropy_bonus.state_dict()
         if self.cfg.ref_sync_every:  # the reference has moved: resume needs it as it is now
@@ -385,9 +388,9 @@ class OnlineRL(Algorithm):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.rollout_index = state["rollout_index"]
-        self.experience = {k: v.to(self.device) for k, v in state["experience"].items()}
-        self.rollout_stats, self.history = state["rollout_stats"], state["history"]
+        self.rollout_index, self.recent = state["rollout_index"], state["recent"]
+        self.experience = None if state["experience"] is None else \
+            self.experience_type.from_state_dict(state["experience"], self.device)
         if self.entropy_bonus is not None:
             self.entropy_bonus.load_state_dict(state["entropy_bonus"])
         if self.cfg.ref_sync_every:

@@ -20,6 +20,7 @@ from ..data.pairs import load_pairs, tokenize_pairs
 from ..rewards.judge import PairwiseJudge
 from ..train.loop import train
 from .dpo import LossType, implicit_reward_accuracy, pair_sequence_logprobs, preference_loss
+from .experience import Experience
 from .online import OnlineConfig, OnlineRL, judge_backend, load_online
 
 
@@ -36,10 +37,38 @@ class OnlineDPOConfig(OnlineConfig):
     max_len: int = field(256, "tokens per held-out preference sequence", min=8)
 
 
+@dataclass
+class PreferencePairs(Experience):
+    """An online-DPO rollout: consecutive rows (2i, 2i+1) are a pair of responses to one prompt."""
+
+    is_chosen: torch.Tensor | None = None   # (rows,) 1 for the chosen response of its pair, 0 for the rejected
+    pair_valid: torch.Tensor | None = None  # (rows,) 1 where the pair is usable (not a tie), on both rows
+
+
+def preference_pairs(exp: Experience, samples_per_prompt: int) -> PreferencePairs:
+    """Keep the best and the worst of each prompt's `samples_per_prompt` responses (in sampling order; all of
+    them when there are two), label each row chosen or rejected, and mark ties as unusable."""
+    n = samples_per_prompt
+    if n > 2:
+        grouped = exp.rewards.view(-1, n)
+        best, worst = grouped.argmax(1), grouped.argmin(1)
+        first, second = torch.minimum(best, worst), torch.maximum(best, worst)
+        second = torch.where(first == second, (first + 1) % n, second)  # all equal: any two (a tie)
+        base = torch.arange(grouped.shape[0], device=grouped.device) * n
+        exp = exp.select(torch.stack([base + first, base + second], dim=1).view(-1))
+    pairs = exp.rewards.view(-1, 2)
+    valid = (pairs[:, 0] != pairs[:, 1]).float()
+    first_wins = (pairs[:, 0] > pairs[:, 1]).float()
+    return PreferencePairs.extend(exp.replace(stats={**exp.stats, "valid_pairs": float(valid.mean())}),
+                                  is_chosen=torch.stack([first_wins, 1 - first_wins], dim=1).view(-1),
+                                  pair_valid=valid.repeat_interleave(2))
+
+
 class OnlineDPO(OnlineRL):
     rows_per_prompt = 2
     shuffle_rows = False
     logprobs_at_sampling_temperature = False  # DPO's log-probs are the model's own (T = 1), as in TRL's OnlineDPO
+    experience_type = PreferencePairs
 
     def __init__(self, *args, pairwise: PairwiseJudge | None, eval_pairs, cfg: OnlineDPOConfig) -> None:
         self.samples_per_prompt = cfg.samples_per_prompt
@@ -52,45 +81,29 @@ class OnlineDPO(OnlineRL):
         self.eval_ref_logps = pair_sequence_logprobs(self.reference, eval_pairs, self.tokenizer.pad_id)[:2] \
             if eval_pairs else None
 
-    def score(self, examples, texts) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def score(self, examples, texts):
         if self.pairwise is None:
             return super().score(examples, texts)
         p_first = self.pairwise.compare([e.prompt for e in examples[0::2]], texts[0::2], texts[1::2])
-        return torch.stack([p_first, 1 - p_first], dim=1).view(-1), {}
+        return torch.stack([p_first, 1 - p_first], dim=1).view(-1), {}, [dict(self.pairwise.stats)]
 
     def reward_stats(self, rewards: torch.Tensor) -> dict[str, float]:
         # With the pairwise judge a pair's "rewards" are [p, 1 - p]: their mean is 0.5 by construction and says
-        # nothing; report the judge's counts for this rollout instead (`valid_pairs`: its decisive verdicts).
-        return super().reward_stats(rewards) if self.pairwise is None else dict(self.pairwise.stats)
+        # nothing; the judge's counts for this rollout (in the stats already) say what it decided.
+        return super().reward_stats(rewards) if self.pairwise is None else {}
 
-    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
-        """No advantages: keep the best and the worst response of each prompt (in sampling order), mark each
-        row chosen (1) or rejected (0), and whether its pair is usable (not a tie)."""
-        n = self.samples_per_prompt
-        if n > 2:
-            grouped = exp["rewards"].view(-1, n)
-            best, worst = grouped.argmax(1), grouped.argmin(1)
-            first, second = torch.minimum(best, worst), torch.maximum(best, worst)
-            second = torch.where(first == second, (first + 1) % n, second)  # all equal: any two (a tie)
-            base = torch.arange(grouped.shape[0], device=grouped.device) * n
-            keep = torch.stack([base + first, base + second], dim=1).view(-1)
-            for key in list(exp):
-                exp[key] = exp[key][keep]
-        pairs = exp["rewards"].view(-1, 2)
-        valid = (pairs[:, 0] != pairs[:, 1]).float()
-        first_wins = (pairs[:, 0] > pairs[:, 1]).float()
-        exp["is_chosen"] = torch.stack([first_wins, 1 - first_wins], dim=1).view(-1)
-        exp["pair_valid"] = valid.repeat_interleave(2)
-        return {"valid_pairs": float(valid.mean())}
+    def advantages(self, exp: Experience) -> PreferencePairs:
+        """No advantages: the rollout's preference pairs."""
+        return preference_pairs(exp, self.samples_per_prompt)
 
-    def loss(self, batch):
+    def loss(self, batch: PreferencePairs):
         cfg: OnlineDPOConfig = self.cfg
         terms = self.policy_terms(batch)
         mask = terms["mask"]
         seq = (terms["logps"] * mask).sum(1).view(-1, 2)
-        ref = (batch["ref_logps"] * mask).sum(1).view(-1, 2)
+        ref = (batch.ref_logps * mask).sum(1).view(-1, 2)
         lengths = mask.sum(1).view(-1, 2)
-        first = batch["is_chosen"].view(-1, 2)[:, 0] > 0
+        first = batch.is_chosen.view(-1, 2)[:, 0] > 0
 
         def chosen_rejected(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return torch.where(first, x[:, 0], x[:, 1]), torch.where(first, x[:, 1], x[:, 0])
@@ -98,16 +111,16 @@ class OnlineDPO(OnlineRL):
         (chosen, rejected), (ref_c, ref_r), (len_c, len_r) = map(chosen_rejected, (seq, ref, lengths))
         losses, r_c, r_r = preference_loss(chosen, rejected, ref_c, ref_r, len_c, len_r, cfg.beta, cfg.loss_type,
                                            cfg.label_smoothing)
-        valid = batch["pair_valid"].view(-1, 2)[:, 0]
+        valid = batch.pair_valid.view(-1, 2)[:, 0]
         loss = (losses * valid).sum() / valid.sum().clamp(min=1)
-        metrics = self.common_metrics(terms, None)  # no ratio is clipped in DPO
+        metrics = self.common_metrics(batch, terms, None)  # no ratio is clipped in DPO
         if valid.sum() > 0:
             metrics["rewards/accuracy"] = float(((r_c > r_r).float() * valid).sum() / valid.sum())
             metrics["rewards/margin"] = float(((r_c - r_r) * valid).sum() / valid.sum())
         return loss, metrics
 
-    def loss_weight(self, batch) -> float:
-        return float(batch["pair_valid"].view(-1, 2)[:, 0].sum())  # the loss is a mean over usable pairs
+    def loss_weight(self, batch: PreferencePairs) -> float:
+        return float(batch.pair_valid.view(-1, 2)[:, 0].sum())  # the loss is a mean over usable pairs
 
     def evaluate(self, final: bool = True) -> dict[str, float]:
         metrics = super().evaluate(final)

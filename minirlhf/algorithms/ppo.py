@@ -23,6 +23,7 @@ from ..logprobs import masked_mean
 from ..model import load_scalar_model
 from ..model.heads import has_scalar_head
 from ..train.loop import train
+from .experience import Experience
 from .online import OnlineRL, PolicyGradientConfig, load_online
 from .policy_gradient import aggregate, clip_surrogate, gae, kl_estimate, masked_whiten
 
@@ -55,8 +56,17 @@ def adaptive_kl_update(kl_coef: float, kl: float, target: float, horizon: int) -
     return kl_coef * (1 + max(-0.2, min(0.2, kl / target - 1)) / horizon)
 
 
+@dataclass
+class PPOExperience(Experience):
+    """A PPO rollout: advantages plus the critic's values V_old and the GAE returns it regresses on."""
+
+    returns: torch.Tensor | None = None  # (rows, T-1)
+    values: torch.Tensor | None = None   # (rows, T-1)
+
+
 class PPO(OnlineRL):
     needs_old_logps = True  # the KL penalty in the reward uses them even with one update per rollout
+    experience_type = PPOExperience
 
     def __init__(self, policy, reference, tokenizer, prompts, reward, eval_prompts, critic, cfg: PPOConfig):
         super().__init__(policy, reference, tokenizer, prompts, reward, eval_prompts, cfg=cfg)
@@ -64,64 +74,65 @@ class PPO(OnlineRL):
         self.modules = {"policy": policy, "critic": critic}
         self.lr_scales = {"critic": cfg.critic_lr_scale}
         self.kl_coef = cfg.kl_coef  # moved by the adaptive controller, if on
-        self.last_seq_kl = 0.0
 
-    def _values(self, exp: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _values(self, exp: Experience) -> torch.Tensor:
         """V at each position t, aligned with log-probs (it values the state before token t+1)."""
-        return self.critic(exp["input_ids"], exp["attention_mask"])[:, :-1]
+        return self.critic(exp.input_ids, exp.attention_mask)[:, :-1]
 
-    def make_experience(self, rollout: int) -> dict[str, torch.Tensor]:
+    def make_experience(self, rollout: int) -> PPOExperience:
         exp = super().make_experience(rollout)
-        self.rollout_stats["kl_coef"] = self.kl_coef
-        if self.cfg.adaptive_kl and self.reference is not None:
-            self.kl_coef = adaptive_kl_update(self.kl_coef, self.last_seq_kl, self.cfg.kl_target, self.cfg.kl_horizon)
+        if self.cfg.adaptive_kl and self.reference is not None:  # the next rollout's kl_coef, from this one's KL
+            self.kl_coef = adaptive_kl_update(self.kl_coef, exp.stats["seq_kl"], self.cfg.kl_target,
+                                              self.cfg.kl_horizon)
         return exp
 
     @torch.no_grad()
-    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
+    def advantages(self, exp: Experience) -> PPOExperience:
         cfg: PPOConfig = self.cfg
-        mask = exp["completion_mask"][:, 1:].float()
+        mask = exp.loss_mask
         self.critic.eval()
         values = self._values(exp) * mask
         token_rewards = torch.zeros_like(mask)
-        if "ref_logps" in exp:
-            kl = kl_estimate(exp["old_logps"], exp["ref_logps"], "k1") * mask
+        seq_kl = 0.0
+        if exp.ref_logps is not None:
+            kl = kl_estimate(exp.old_logps, exp.ref_logps, "k1") * mask
             token_rewards -= self.kl_coef * kl
-            self.last_seq_kl = float(kl.sum(1).mean())
+            seq_kl = float(kl.sum(1).mean())
         last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(1)
-        token_rewards[torch.arange(len(last)), last] += exp["rewards"]
+        token_rewards[torch.arange(len(last)), last] += exp.rewards
         advantages, returns = gae(token_rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         residual_var = masked_mean((returns - values) ** 2, mask) - masked_mean(returns - values, mask) ** 2
         returns_var = masked_mean(returns**2, mask) - masked_mean(returns, mask) ** 2
-        exp.update(advantages=advantages, returns=returns, values=values)
-        return {"seq_kl": self.last_seq_kl, "explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8))}
+        stats = {**exp.stats, "kl_coef": self.kl_coef, "seq_kl": seq_kl,
+                 "explained_variance": float(1 - residual_var / returns_var.clamp(min=1e-8))}
+        return PPOExperience.extend(exp.replace(advantages=advantages, stats=stats), returns=returns, values=values)
 
-    def loss(self, batch):
+    def loss(self, batch: PPOExperience):
         cfg: PPOConfig = self.cfg
         terms = self.policy_terms(batch, entropy_grad=self.entropy_bonus.trains_entropy)
-        per_token, clipped = clip_surrogate(terms["logps"] - terms["old_logps"], batch["advantages"],
+        per_token, clipped = clip_surrogate(terms["logps"] - terms["old_logps"], batch.advantages,
                                             cfg.clip_eps_low, cfg.clip_eps_high, cfg.clip_delta)
         if self.entropy_bonus.applied > 0:
             per_token = per_token - self.entropy_bonus.applied * terms["entropy"]
         policy_loss = aggregate(per_token, terms["mask"], "token_mean")
-        value_loss, value_clip_frac = ppo_value_loss(self._values(batch), batch["values"], batch["returns"],
+        value_loss, value_clip_frac = ppo_value_loss(self._values(batch), batch.values, batch.returns,
                                                      terms["mask"], cfg.value_clip)
-        metrics = self.common_metrics(terms, clipped)
+        metrics = self.common_metrics(batch, terms, clipped)
         metrics.update(policy_loss=float(policy_loss.detach()), value_loss=float(value_loss.detach()),
                        value_clip_ratio=float(value_clip_frac))
         return policy_loss + cfg.vf_coef * value_loss, metrics
 
-    def loss_weight(self, batch) -> float:
-        return float(batch["completion_mask"][:, 1:].sum())  # both terms are means over tokens
+    def loss_weight(self, batch: PPOExperience) -> float:
+        return float(batch.loss_mask.sum())  # both terms are means over tokens
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "kl_coef": self.kl_coef, "last_seq_kl": self.last_seq_kl}
+        return {**super().state_dict(), "kl_coef": self.kl_coef}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self.kl_coef, self.last_seq_kl = state["kl_coef"], state["last_seq_kl"]
+        self.kl_coef = state["kl_coef"]
 
 
 def run(cfg: PPOConfig) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 from ..config import field
 from ..logprobs import masked_mean
 from ..train.loop import train
+from .experience import Experience
 from .online import OnlineRL, PolicyGradientConfig, load_online
 from .policy_gradient import PolicyLoss, aggregate, aggregate_units, policy_gradient_loss
 
@@ -91,34 +92,32 @@ class SPO(OnlineRL):
         return picks.tolist()
 
     @torch.no_grad()
-    def advantages(self, exp: dict[str, torch.Tensor]) -> dict[str, float]:
+    def advantages(self, exp: Experience) -> Experience:
         cfg: SPOConfig = self.cfg
-        mask = exp["completion_mask"][:, 1:].float()
-        rewards01 = ((exp["rewards"] - cfg.reward_min) / (cfg.reward_max - cfg.reward_min)).clamp(0, 1).cpu()
-        slots = self._slots(exp["prompt_index"])
+        mask = exp.loss_mask
+        rewards01 = ((exp.rewards - cfg.reward_min) / (cfg.reward_max - cfg.reward_min)).clamp(0, 1).cpu()
+        slots = self._slots(exp.prompt_index)
         baseline = self.tracker.value(slots)
         adv = rewards01 - baseline
         adv = (adv - adv.mean()) / (adv.std() + 1e-4) if len(adv) > 1 else adv
-        logps = exp.get("old_logps")
-        if logps is None:
-            logps = self._logprobs(self.policy, exp)[0]
+        logps = exp.old_logps if exp.old_logps is not None else self._logprobs(self.policy, exp)[0]
         rho = self.tracker.update(slots, rewards01, masked_mean(logps, mask, dim=1).cpu())
-        exp["advantages"] = adv.to(mask.device)[:, None] * mask
-        return {"baseline": float(baseline.mean()), "rho": float(rho.mean())}
+        return exp.replace(advantages=adv.to(mask.device)[:, None] * mask,
+                           stats={**exp.stats, "baseline": float(baseline.mean()), "rho": float(rho.mean())})
 
-    def loss(self, batch):
+    def loss(self, batch: Experience):
         cfg: SPOConfig = self.cfg
         terms = self.policy_terms(batch, entropy_grad=self.entropy_bonus.trains_entropy)
         spec = PolicyLoss(aggregation="sequence_mean", eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high,
                           clip_delta=cfg.clip_delta)
-        loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch["advantages"], terms["mask"],
+        loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch.advantages, terms["mask"],
                                              spec, terms.get("kl"), cfg.kl_coef)
         if self.entropy_bonus.applied > 0:
             loss = loss - self.entropy_bonus.applied * aggregate(terms["entropy"], terms["mask"], "sequence_mean")
-        return loss, self.common_metrics(terms, clipped)
+        return loss, self.common_metrics(batch, terms, clipped)
 
-    def loss_weight(self, batch) -> float:
-        return aggregate_units(batch["completion_mask"][:, 1:], "sequence_mean")
+    def loss_weight(self, batch: Experience) -> float:
+        return aggregate_units(batch.loss_mask, "sequence_mean")
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "tracker": self.tracker.state_dict()}

@@ -16,6 +16,9 @@ from ..tokenizer import Tokenizer
 
 
 class RewardFunction(Protocol):
+    """A reward: `score` rates completions. One that calls out (a judge) may also keep a `stats` dict, its
+    report on the last call, which `WeightedSum.reports` collects."""
+
     name: str
 
     def score(self, prompts: Sequence[Sequence[Message]], completions: Sequence[str],
@@ -97,6 +100,11 @@ class WeightedSum:
     def score_parts(self, prompts, completions, meta) -> dict[str, torch.Tensor]:
         """Each reward function's (unweighted) scores, by name, in `parts` order."""
         return {fn.name: fn.score(prompts, completions, meta).float() for fn, _ in self.parts}
+
+    def reports(self) -> list[dict[str, float]]:
+        """What each reward function reported about its last call, in `parts` order: a judge's counts of
+        requests, failed requests and unparsable replies (its `stats`); {} from functions that report nothing."""
+        return [dict(getattr(fn, "stats", {})) for fn, _ in self.parts]
 
     def combine(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """sum_i w_i * parts[i]."""
