@@ -32,14 +32,29 @@ def quiet_hf(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+# A size people train (18M parameters with the task's 320-token vocabulary, 2 threads) by default; `--tiny` is the
+# old 95k-parameter, 1-thread setting, where per-step framework overhead is all there is to measure.
+REALISTIC = {"hidden": 512, "layers": 8, "heads": 8, "kv_heads": 2, "threads": 2}
+TINY = {"hidden": 64, "layers": 2, "heads": 4, "kv_heads": 2, "threads": 1}
+
+
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags both TRL benchmarks take: the tiny model's shape, rounds, threads, seed."""
+    """Flags both TRL benchmarks take: the model's shape, rounds, threads, seed."""
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--vocab", type=int, default=320, help="BPE vocabulary trained on the task")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--tiny", action="store_true", help="the tiny setting: " + ", ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in TINY.items()))
+    parser.add_argument("--hidden", type=int, help=f"default {REALISTIC['hidden']}")
+    parser.add_argument("--layers", type=int, help=f"default {REALISTIC['layers']}")
+    parser.add_argument("--heads", type=int, help=f"default {REALISTIC['heads']}")
+    parser.add_argument("--kv-heads", type=int, help=f"default {REALISTIC['kv_heads']}")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per engine; the median is reported")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads, both engines")
+    parser.add_argument("--threads", type=int, help=f"torch threads, both engines (default {REALISTIC['threads']})")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def resolve_size(args: argparse.Namespace) -> None:
+    """Fill the shape flags left unset from the realistic default, or from the tiny one with --tiny."""
+    for key, value in (TINY if args.tiny else REALISTIC).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)

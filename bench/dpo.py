@@ -22,7 +22,8 @@ the loop logs after each optimizer step; TRL: a callback's `on_step_end`), the f
 dropped, and steps/s = (steps - warmup) / (time of the last step end - time of the warm-up's last step end).
 With `--rounds` > 1 the engines alternate (ours, TRL, ours, ...) with fresh models and the median is taken.
 
-    python bench/dpo.py [--rounds 3 --steps 30 --warmup 5 --batch 8 --max-len 256 --hidden 64 --layers 2 --threads 1]
+    python bench/dpo.py [--rounds 3 --steps 12 --warmup 3 --batch 16 --max-len 256]        # 18M params, 2 threads
+    python bench/dpo.py --tiny --steps 30 --warmup 5 --batch 8                          # overhead only
 
 Prints one JSON object; `speedup` = our steps/s / TRL's steps/s.
 """
@@ -40,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_shared_flags, quiet_hf, task_tokenizer
+from common import add_shared_flags, quiet_hf, resolve_size, task_tokenizer
 
 from minirlhf.algorithms.dpo import DPO, DPOConfig
 from minirlhf.data.formats import PreferencePair
@@ -117,9 +118,9 @@ def run_trl(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out_
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per engine (warm-up included)")
-    parser.add_argument("--warmup", type=int, default=5, help="first steps left out of the timing")
-    parser.add_argument("--batch", type=int, default=8, help="preference pairs per optimizer step (both engines)")
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per engine (warm-up included)")
+    parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
+    parser.add_argument("--batch", type=int, default=16, help="preference pairs per optimizer step (both engines)")
     parser.add_argument("--pairs", type=int, default=256, help="training pairs (>= steps x batch: one epoch)")
     parser.add_argument("--max-len", type=int, default=256, help="tokens per sequence (no pair is cut at 256)")
     parser.add_argument("--beta", type=float, default=0.1)
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="no reference precompute: both engines run a frozen reference model every step")
     add_shared_flags(parser)
     args = parser.parse_args(argv)
+    resolve_size(args)
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
 

@@ -31,7 +31,8 @@ callback's `on_step_end`), the first `--warmup` steps dropped: seconds/step = (t
 of the warm-up's last step end) / (steps - warmup). Model building, TRL's trainer setup, and our prompt
 encoding are outside the timed window. With `--rounds` > 1 the engines alternate and the median is taken.
 
-    python bench/grpo.py [--rounds 3 --steps 10 --warmup 2 --prompts 4 --group 4 --max-new-tokens 32 --threads 1]
+    python bench/grpo.py [--rounds 3 --steps 4 --warmup 1 --prompts 8 --group 8 --max-new-tokens 64 --natural]
+    python bench/grpo.py --tiny --steps 10 --warmup 2 --prompts 4 --group 4 --max-new-tokens 32   # overhead only
 
 Prints one JSON object; `speedup` = TRL seconds/step / our seconds/step.
 """
@@ -49,7 +50,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_shared_flags, quiet_hf, task_tokenizer
+from common import add_shared_flags, quiet_hf, resolve_size, task_tokenizer
 
 from minirlhf.algorithms.grpo import GRPO, GRPOConfig
 from minirlhf.data.formats import PromptExample
@@ -72,7 +73,8 @@ def run_ours(initial: MiniMindLM, tokenizer: Tokenizer, prompts: list[PromptExam
                      device="cpu", progress=False, reward="answer:1", prompts_per_rollout=args.prompts,
                      epochs_per_rollout=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=0, top_p=1.0, kl_coef=args.beta, clip_eps_low=0.2, clip_eps_high=0.2,
-                     group_size=args.group, scale_rewards="group", loss_type="grpo", advantage="grpo")
+                     group_size=args.group, scale_rewards="group", loss_type="grpo", advantage="grpo",
+                     share_prompts=not args.no_share_prompts)
     # as `load_online` does: the policy, and a frozen reference loaded from the same weights (β > 0)
     policy = copy.deepcopy(initial).train()
     reference = copy.deepcopy(initial).eval().requires_grad_(False) if args.beta > 0 else None
@@ -142,17 +144,20 @@ def run_trl(model_dir: Path, tokenizer: Tokenizer, prompts: list[PromptExample],
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per engine (warm-up included)")
-    parser.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing")
-    parser.add_argument("--prompts", type=int, default=4, help="prompts per optimizer step")
-    parser.add_argument("--group", type=int, default=4, help="completions per prompt (G, num_generations)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="completion length (max_completion_length)")
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per engine (warm-up included)")
+    parser.add_argument("--warmup", type=int, default=1, help="first steps left out of the timing")
+    parser.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
+    parser.add_argument("--group", type=int, default=8, help="completions per prompt (G, num_generations)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="completion length (max_completion_length)")
     parser.add_argument("--natural", action="store_true", help="let EOS end completions (default: fixed length)")
     parser.add_argument("--n-prompts", type=int, default=200, help="prompt pool")
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (> 0: both hold a reference)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--no-share-prompts", action="store_true",
+                        help="ours without the shared-prompt forward (each row re-runs its prompt, as TRL does)")
     add_shared_flags(parser)
     args = parser.parse_args(argv)
+    resolve_size(args)
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
 
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "group": args.group,
         "max_new_tokens": args.max_new_tokens,
         "fixed_length": not args.natural,
+        "ours_share_prompts": not args.no_share_prompts,
         "beta": args.beta,
         "temperature": args.temperature,
         "same_prompt_tokens": theirs[0]["prompt_ids"] == [tokenizer.encode_prompt(p.prompt) for p in prompts[:20]],

@@ -70,6 +70,31 @@ def test_two_process_grpo_equals_one_process_and_its_checkpoint_resumes_in_one(t
     assert_same(trajectory(resumed, "loss", "reward", "grad_norm"), [r[:2] + r[3:] for r in one])
 
 
+@pytest.mark.parametrize("options", [
+    # a surrogate of its own, GDPO's per-reward advantage, adaptive entropy control, TR-DPO reference syncing
+    {"loss_type": "cispo", "advantage": "normalize_then_sum", "reward": "rm:1,format:0.1", "entropy_coef": 0.01,
+     "entropy_target": 10.0, "ref_sync_every": 2, "ref_mixup_alpha": 0.5, "kl_coef": 0.05},
+    # a random policy never formats an answer and rarely ends early (the overlong penalty then differs): most groups
+    # have no variance, so dynamic sampling draws more; truncated completions masked, overlong ones penalised
+    {"loss_type": "vespo", "reward": "format:1", "dynamic_sampling": "true", "max_sampling_tries": 3,
+     "mask_truncated_completions": "true", "overlong_buffer": 4, "kl_coef": 0.05},
+], ids=["cispo-gdpo-entropy-refsync", "vespo-dynamic-sampling-truncation"])
+def test_two_process_grpo_with_toolbox_options_equals_one_process(options, tmp_path, start_model_dir, task_data):
+    """The toolbox's options act on the gathered global rollout (or, like the entropy controller and the reference
+    sync, on values every rank shares), so 2 processes follow 1 process's trajectory with them on too."""
+    common = {"model": start_model_dir, "data": task_data["rl"], "steps": 4, "prompts_per_rollout": 4,
+              "group_size": 2, "max_new_tokens": 8, "lr": 1e-2, "reward_model": start_model_dir, **options}
+    # (the logged entropy and KL are means of per-micro-batch means, which depend on the split; the loss is not)
+    keys = ("loss", "reward", "grad_norm") + (("dynamic_sampling/samplings",) if "dynamic_sampling" in options else ())
+    torchrun(1, "grpo", tmp_path / "one", batch_size=8, **common)
+    torchrun(2, "grpo", tmp_path / "two", batch_size=2, grad_accum=2, **common)
+    one = trajectory(tmp_path / "one", *keys)
+    assert_same(one, trajectory(tmp_path / "two", *keys))
+    assert len({r[0] for r in one}) > 1  # the runs trained: losses moved
+    if "dynamic_sampling" in options:
+        assert max(r[3] for r in one) > 1  # further prompts were sampled
+
+
 def test_fsdp_sft_equals_one_process_and_its_checkpoint_resumes_sharded_or_not(tmp_path, start_model_dir, task_data):
     common = {"model": start_model_dir, "data": task_data["sft"], "steps": 4, "max_len": 96, "lr": 1e-3,
               "save_every": 2, "eval_data": task_data["heldout_rl"], "eval_samples": 2, "max_new_tokens": 4}

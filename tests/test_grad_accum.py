@@ -73,7 +73,7 @@ GRPO_CASES = [
     for skip in (False, True)
 ] + [  # every other preset that averages over the whole batch (not bnpo: it weighs micro-batches alike by design)
     {"loss_type": loss_type, "advantage": "grpo", "skip_zero_variance": False}
-    for loss_type in ("cispo", "sapo", "gspo", "luspo")
+    for loss_type in ("cispo", "sapo", "gspo", "luspo", "vespo")
 ] + [  # an entropy bonus is averaged like the policy loss, so it accumulates exactly too
     {"loss_type": loss_type, "advantage": "grpo", "skip_zero_variance": False, "entropy_coef": 0.05}
     for loss_type in ("grpo", "dapo")

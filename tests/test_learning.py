@@ -138,7 +138,7 @@ def focus_reward(model_dir: Path, prompts_file: Path, seed: int) -> float:
     return float(rewards.mean())
 
 
-@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gspo", "luspo"])
+@pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gspo", "luspo", "vespo"])
 def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(pipeline, loss_type):
     """GRPO with each newer loss (CISPO, SAPO, GSPO, LUSPO presets) for 6 steps on 16 prompts: fresh samples on
     those prompts (a sampling seed the training never used) earn more reward than the SFT model's."""

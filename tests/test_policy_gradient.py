@@ -29,6 +29,7 @@ from minirlhf.algorithms.policy_gradient import (
     policy_gradient_loss,
     rloo_advantages,
     sapo_surrogate,
+    vespo_surrogate,
 )
 from minirlhf.algorithms.ppo import adaptive_kl_update, ppo_value_loss
 from minirlhf.algorithms.spo import BetaValueTracker
@@ -161,6 +162,29 @@ def test_sapo_gate_by_hand_slope_one_on_policy():
         # d/dlogp of -(4/τ)σ(τ(ρ-1))A = -4 σ (1 - σ) ρ A
         assert logps.grad[i].item() == pytest.approx(-4 * gate * (1 - gate) * r * a, rel=1e-5), i
     assert logps.grad[0].item() == pytest.approx(-2.0)  # on-policy: the plain policy gradient -A
+
+
+def test_vespo_gamma_weight_by_hand_one_on_policy_and_fading_both_ways():
+    """φ(w) = e^λ w^k e^{-λw} with w = exp(Σ_t masked token log-ratios), (k, λ) by the advantage's sign; the loss is
+    -φ·A·log π with φ detached, so d/dlog π = -φ·A (the plain policy gradient when w = 1)."""
+    shape_pos, shape_neg = (2.0, 3.0), (3.0, 2.0)
+    mask = t([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
+    token_log_ratio = t([[0.1, -0.1, 5.0], [0.2, 0.3, 0.1], [-1.0, 0.0, 0.0], [0.5, 0.4, 0.0]])  # masked 5.0 ignored
+    adv = t([1.0, 1.0, -2.0, -0.5])[:, None] * mask
+    logps = (-torch.rand(4, 3, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    loss = vespo_surrogate(token_log_ratio, logps, adv, mask, shape_pos, shape_neg)
+    loss.sum().backward()
+    for i in range(4):
+        w = math.exp(sum(token_log_ratio[i, j].item() for j in range(3) if mask[i, j]))
+        k, lam = shape_pos if adv[i, 0] >= 0 else shape_neg
+        phi = math.exp(lam) * w**k * math.exp(-lam * w)
+        for j in range(3):
+            a = adv[i, j].item()
+            assert loss[i, j].item() == pytest.approx(-phi * a * logps[i, j].item(), rel=1e-5, abs=1e-7), (i, j)
+            assert logps.grad[i, j].item() == pytest.approx(-phi * a, rel=1e-5, abs=1e-7), (i, j)
+    assert loss[0, 0].item() == pytest.approx(-adv[0, 0].item() * logps[0, 0].item(), rel=1e-5)  # w = 1: φ = 1
+    phis = [math.exp(3.0) * w**2 * math.exp(-3.0 * w) for w in (0.3, 1.0, 2.0)]
+    assert phis[0] < 1 and phis[2] < 1 and phis[1] == pytest.approx(1.0)  # below 1 on both sides of on-policy
 
 
 def test_sequence_level_ratio_is_the_mean_token_log_ratio_of_each_sequence():
@@ -500,14 +524,20 @@ def test_beta_value_tracker_averages_repeated_slots():
 
 def test_loss_type_presets_set_three_choices_and_explicit_options_win():
     from minirlhf.algorithms.grpo import LOSS_PRESETS, GRPOConfig, policy_loss_spec
+    from minirlhf.config import ConfigError
 
-    assert set(LOSS_PRESETS) == {"grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "gspo", "luspo"}
+    assert set(LOSS_PRESETS) == {"grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "gspo", "luspo", "vespo"}
     gspo = policy_loss_spec(GRPOConfig(loss_type="gspo"))
     assert (gspo.surrogate, gspo.aggregation, gspo.importance_sampling_level) == ("clip", "sequence_mean", "sequence")
     cispo = policy_loss_spec(GRPOConfig(loss_type="cispo", cispo_max_ratio=4.0))
     assert (cispo.surrogate, cispo.aggregation, cispo.cispo_max_ratio) == ("cispo", "token_mean", 4.0)
     mixed = policy_loss_spec(GRPOConfig(loss_type="dapo", surrogate="sapo", importance_sampling_level="sequence"))
     assert (mixed.surrogate, mixed.aggregation, mixed.importance_sampling_level) == ("sapo", "token_mean", "sequence")
+    vespo = policy_loss_spec(GRPOConfig(loss_type="vespo", vespo_k_neg=1.5))
+    assert (vespo.surrogate, vespo.aggregation, vespo.vespo_shape, vespo.vespo_shape_neg) == \
+        ("vespo", "token_mean", (2.0, 3.0), (1.5, 2.0))
+    with pytest.raises(ConfigError, match="vespo"):
+        policy_loss_spec(GRPOConfig(loss_type="vespo", importance_sampling_level="sequence"))
 
 
 def test_overlong_penalty_by_hand():
@@ -575,7 +605,7 @@ def test_adaptive_entropy_control_by_hand():
 @pytest.mark.parametrize("loss_type, level, delta, kl_correction, entropy_share", [
     ("grpo", "token", None, False, 1.0), ("bnpo", "token", None, False, 1.0), ("dapo", "token", None, False, 1.0),
     ("dr_grpo", "token", None, False, 1.0), ("cispo", "token", None, False, 1.0), ("sapo", "token", None, False, 1.0),
-    ("luspo", "sequence", None, False, 1.0),
+    ("luspo", "sequence", None, False, 1.0), ("vespo", "token", None, False, 1.0),
     ("grpo", "sequence", None, False, 1.0),  # GSPO, TRL's spelling
     ("dapo", "token", 1.5, False, 1.0),  # two-sided clipping
     ("grpo", "token", None, True, 1.0), ("grpo", "sequence", None, True, 1.0),  # the KL weighted by the ratio

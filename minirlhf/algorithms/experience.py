@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
+from ..model.minimind import SharedPrompt
+
 E = TypeVar("E", bound="Experience")
 
 
@@ -32,6 +34,7 @@ class Experience:
     ref_logps: Tensor | None = None     # (rows, T-1) log π_ref; None without a KL term
     reward_parts: Tensor | None = None  # (rows, reward functions) unweighted scores, for multi-reward advantages
     advantages: Tensor | None = None    # (rows, T-1) the method's per-token advantage
+    prompt_width: int = 0  # P: the prompt columns every row has (left-padded); 0 = not known
     stats: dict[str, float] = dataclasses.field(default_factory=dict)  # the rollout's metrics
 
     @property
@@ -75,8 +78,13 @@ class Experience:
         return cls(**{f.name: getattr(exp, f.name) for f in dataclasses.fields(exp)}, **fields)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"tensors": self.tensors(), "stats": self.stats}
+        return {"tensors": self.tensors(), "stats": self.stats, "prompt_width": self.prompt_width}
 
     @classmethod
     def from_state_dict(cls: type[E], state: dict[str, Any], device: torch.device) -> E:
-        return cls(**{k: v.to(device) for k, v in state["tensors"].items()}, stats=state["stats"])
+        return cls(**{k: v.to(device) for k, v in state["tensors"].items()}, stats=state["stats"],
+                   prompt_width=state.get("prompt_width", 0))
+
+    def shared_prompt(self) -> SharedPrompt | None:
+        """Which rows continue the same prompt (for the shared-prompt forward), when the prompt width is known."""
+        return SharedPrompt.of(self.prompt_index, self.prompt_width) if self.prompt_width else None

@@ -3,10 +3,10 @@
 Per prompt, G completions are sampled; each gets the advantage (r - mean_group) / (std_group + ε) on every
 token (`scale_rewards`: group | batch | none). The loss is a policy-gradient surrogate plus kl_coef·k3 KL to the
 reference, three independent choices (policy_gradient.py):
-    surrogate                  clip (PPO/GRPO, ε_low / ε_high, optional two-sided `clip_delta`) | cispo | sapo
+    surrogate                  clip (PPO/GRPO, ε_low / ε_high, optional two-sided `clip_delta`) | cispo | sapo | vespo
     importance_sampling_level  token | sequence (GSPO's length-normalised sequence ratio)
     aggregation                sequence_mean | token_mean | local_token_mean | constant | sequence_sum
-`loss_type` is a preset with TRL's names (LOSS_PRESETS: grpo, bnpo, dapo, dr_grpo, cispo, sapo, luspo; and gspo)
+`loss_type` is a preset with TRL's names (LOSS_PRESETS: grpo, bnpo, dapo, dr_grpo, cispo, sapo, luspo, vespo; and gspo)
 that sets all three; `surrogate`, `importance_sampling_level` and `aggregation` override its parts.
 `advantage` swaps the baseline: `rloo` = leave-one-out (Ahmadian et al., 2024); `reinforce_pp` =
 REINFORCE++ (Hu, 2025): token KL folded into the reward (k1), undiscounted returns, advantages whitened
@@ -43,7 +43,7 @@ from .policy_gradient import (
     rloo_advantages,
 )
 
-LossPreset = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "gspo", "luspo"]
+LossPreset = Literal["grpo", "bnpo", "dapo", "dr_grpo", "cispo", "sapo", "gspo", "luspo", "vespo"]
 # TRL 1.16's GRPOTrainer `loss_type` names (plus gspo, which TRL spells importance_sampling_level=sequence) as
 # (surrogate, aggregation, importance_sampling_level); tests/test_policy_gradient.py checks each against TRL.
 LOSS_PRESETS: dict[str, tuple[Surrogate, Aggregation, RatioLevel]] = {
@@ -55,6 +55,7 @@ LOSS_PRESETS: dict[str, tuple[Surrogate, Aggregation, RatioLevel]] = {
     "sapo": ("sapo", "sequence_mean", "token"),
     "gspo": ("clip", "sequence_mean", "sequence"),
     "luspo": ("clip", "sequence_sum", "sequence"),
+    "vespo": ("vespo", "token_mean", "token"),
 }
 
 
@@ -63,14 +64,20 @@ class GRPOConfig(PolicyGradientConfig):
     group_size: int = field(4, "G: completions sampled per prompt", min=2)
     scale_rewards: Literal["group", "batch", "none"] = field("group", "divide centred rewards by this std")
     loss_type: LossPreset = field("grpo", "preset of surrogate + aggregation (+ ratio level) by TRL's names: grpo, "
-                                          "bnpo, dapo, dr_grpo, cispo, sapo, gspo, luspo")
-    surrogate: Surrogate | None = field(None, "per-token loss: clip | cispo | sapo (empty: from loss_type)")
+                                          "bnpo, dapo, dr_grpo, cispo, sapo, gspo, luspo, vespo")
+    surrogate: Surrogate | None = field(None, "per-token loss: clip | cispo | sapo | vespo (empty: from loss_type)")
     aggregation: Aggregation | None = field(None, "average of token losses: sequence_mean | token_mean | "
                                                   "local_token_mean | constant | sequence_sum (empty: from loss_type)")
     importance_sampling_level: RatioLevel | None = field(None, "token | sequence ratios (GSPO) (empty: from loss_type)")
     cispo_max_ratio: float = field(5.0, "cispo: cap ε_max of the detached importance weight (ScaleRL: 5)", gt=0)
     sapo_temperature_pos: float = field(1.0, "sapo: gate temperature where the advantage is positive", gt=0)
     sapo_temperature_neg: float = field(1.05, "sapo: gate temperature where it is not", gt=0)
+    vespo_k_pos: float = field(2.0, "vespo: power k of the Gamma weight where the advantage is >= 0 (how fast "
+                                    "sequences with w < 1 fade)", min=0)
+    vespo_lambda_pos: float = field(3.0, "vespo: decay λ of the Gamma weight where the advantage is >= 0 (how fast "
+                                         "sequences with w > 1 fade)", gt=0)
+    vespo_k_neg: float = field(3.0, "vespo: k where the advantage is negative", min=0)
+    vespo_lambda_neg: float = field(2.0, "vespo: λ where the advantage is negative", gt=0)
     top_entropy_quantile: float = field(1.0, "train the surrogate on this share of each micro-batch's tokens, those "
                                              "of highest entropy (1 = all; 0.2 in Wang et al., 2025)", gt=0, max=1)
     kl_bias_correction: bool = field(False, "weight the KL term by the importance ratio (DeepSeek-V3.2; TRL's "
@@ -94,11 +101,18 @@ def group_has_variance(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 def policy_loss_spec(cfg: GRPOConfig) -> PolicyLoss:
     """The loss `cfg` asks for: its `loss_type` preset, with any part set explicitly taking precedence."""
     surrogate, aggregation, level = LOSS_PRESETS[cfg.loss_type]
-    return PolicyLoss(surrogate=cfg.surrogate or surrogate, aggregation=cfg.aggregation or aggregation,
+    spec = PolicyLoss(surrogate=cfg.surrogate or surrogate, aggregation=cfg.aggregation or aggregation,
                       importance_sampling_level=cfg.importance_sampling_level or level,
                       eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high, clip_delta=cfg.clip_delta,
                       cispo_max_ratio=cfg.cispo_max_ratio, sapo_temperature_pos=cfg.sapo_temperature_pos,
-                      sapo_temperature_neg=cfg.sapo_temperature_neg, kl_bias_correction=cfg.kl_bias_correction)
+                      sapo_temperature_neg=cfg.sapo_temperature_neg,
+                      vespo_shape=(cfg.vespo_k_pos, cfg.vespo_lambda_pos),
+                      vespo_shape_neg=(cfg.vespo_k_neg, cfg.vespo_lambda_neg),
+                      kl_bias_correction=cfg.kl_bias_correction)
+    if spec.surrogate == "vespo" and spec.importance_sampling_level == "sequence":
+        raise ConfigError("surrogate=vespo forms its own sequence weight from the token ratios; leave "
+                          "importance_sampling_level at token")
+    return spec
 
 
 class GRPO(OnlineRL):

@@ -80,6 +80,8 @@ class OnlineConfig(ReferenceSyncConfig, TrainConfig):
     overlong_buffer: int = field(0, "DAPO soft overlong punishment: the reward falls linearly over the last N tokens "
                                     "of max_new_tokens (0 = off)", min=0)
     overlong_penalty: float = field(1.0, "the reward lost by a completion of max_new_tokens tokens", min=0)
+    share_prompts: bool = field(True, "train on each prompt once per group: completions of one prompt attend to its "
+                                      "keys/values, computed once (native dense models; exact, only faster)")
     max_new_tokens_eval: int = field(48, "generation budget for held-out accuracy", min=1)
     generation_backend: Literal["native", "vllm"] = field(
         "native", "rollouts from our KV-cache sampler, or from vLLM (CUDA + `pip install vllm`), weights synced")
@@ -219,8 +221,9 @@ class OnlineRL(Algorithm):
 
     def _logprobs(self, model, exp: Experience, with_entropy: bool = False, entropy_grad: bool = False):
         temperature = self.cfg.temperature if self.logprobs_at_sampling_temperature else 1.0
-        return completion_logprobs(model, exp.input_ids, exp.attention_mask, exp.completion_mask,
-                                   temperature, return_entropy=with_entropy, entropy_grad=entropy_grad)
+        return completion_logprobs(model, exp.input_ids, exp.attention_mask, exp.completion_mask, temperature,
+                                   return_entropy=with_entropy, entropy_grad=entropy_grad,
+                                   shared_prompt=exp.shared_prompt() if self.cfg.share_prompts else None)
 
     @torch.no_grad()
     def make_experience(self, rollout: int) -> Experience:
@@ -268,7 +271,8 @@ class OnlineRL(Algorithm):
         if self.cfg.mask_truncated_completions:
             completion_mask = completion_mask * ~truncated[:, None]
         exp = Experience(out.input_ids, out.attention_mask, completion_mask, rewards, lengths.float(),
-                         truncated.float(), torch.as_tensor(rows, device=self.device))
+                         truncated.float(), torch.as_tensor(rows, device=self.device),
+                         prompt_width=out.prompt_ids.shape[1])
         if parts:  # (rows, rewards): what a multi-reward advantage (GDPO) normalises one by one
             exp.reward_parts = torch.stack(list(parts.values()), 1).nan_to_num(0.0).to(self.device)
         if self.updates_per_rollout > 1 or self.needs_old_logps:
@@ -281,7 +285,7 @@ class OnlineRL(Algorithm):
         for report in reports:
             stats.update(report)
         gathered = distributed.gather_rows(exp.tensors())
-        return Experience(**gathered, stats=stats)
+        return Experience(**gathered, prompt_width=exp.prompt_width, stats=stats)
 
     def complete_rollout(self, exp: Experience, rollout: int) -> Experience:
         """The rollout's final rows from its first sample (identity here; GRPO's dynamic sampling adds more)."""

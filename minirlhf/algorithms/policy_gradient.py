@@ -10,6 +10,7 @@ Divergence", with log-ratio lr = log π_ref - log π (samples drawn from π):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +18,7 @@ import torch
 
 # The three choices of a policy-gradient loss, each one idea (TRL's `loss_type` names a combination; the presets in
 # grpo.py map those names onto these):
-Surrogate = Literal["clip", "cispo", "sapo"]  # how a token's loss is formed from its ratio and advantage
+Surrogate = Literal["clip", "cispo", "sapo", "vespo"]  # how a token's loss is formed from its ratio and advantage
 RatioLevel = Literal["token", "sequence"]  # an importance ratio per token, or one per sequence (GSPO)
 Aggregation = Literal["sequence_mean", "token_mean", "local_token_mean", "constant", "sequence_sum"]
 
@@ -35,6 +36,8 @@ class PolicyLoss:
     cispo_max_ratio: float = 5.0  # cispo: the importance weight's cap (ε_max)
     sapo_temperature_pos: float = 1.0  # sapo: gate temperature where A > 0
     sapo_temperature_neg: float = 1.05  # sapo: gate temperature where A <= 0
+    vespo_shape: tuple[float, float] = (2.0, 3.0)  # vespo: (k, λ) of the Gamma weight where A >= 0
+    vespo_shape_neg: tuple[float, float] = (3.0, 2.0)  # vespo: (k, λ) where A < 0
     kl_bias_correction: bool = False  # weight the KL term by ρ: an unbiased reverse-KL gradient off-policy
 
 
@@ -87,6 +90,22 @@ def sapo_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, temperatur
     Adaptive Policy Optimization, Gao et al., 2025)."""
     tau = torch.where(advantages > 0, temperature_pos, temperature_neg)
     return -torch.sigmoid(tau * (torch.exp(log_ratio) - 1)) * 4 / tau * advantages
+
+
+def vespo_surrogate(log_ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                    shape_pos: tuple[float, float], shape_neg: tuple[float, float]) -> torch.Tensor:
+    """VESPO's per-token loss -sg(φ(w)) · A · log π (Variational Sequence-level Soft Policy Optimization, 2026):
+    w = Π_t ρ_t is the sequence's importance weight (its summed token log-ratios, clamped to [log 1e-8, 20]) and
+    φ(w) = e^λ w^k e^{-λw} a Gamma-shaped weight with φ(1) = 1 (the plain policy gradient on-policy) that fades
+    smoothly both for w -> 0 and for large w instead of clipping; (k, λ) = shape_pos where A >= 0, else
+    shape_neg. φ is computed in log space and detached."""
+    with torch.no_grad():
+        log_w = torch.clamp((log_ratio.clamp(-20.0, 20.0) * mask).sum(1, keepdim=True), math.log(1e-8), 20.0)
+        nonneg = advantages >= 0
+        k = torch.where(nonneg, shape_pos[0], shape_neg[0])
+        lam = torch.where(nonneg, shape_pos[1], shape_neg[1]).clamp(min=1e-4)
+        phi = torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    return -phi * advantages * logps
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, how: Aggregation = "token_mean",
@@ -149,6 +168,10 @@ def policy_gradient_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantage
         per_token, clipped = cispo_surrogate(log_ratio, logps, advantages, spec.cispo_max_ratio)
     elif spec.surrogate == "sapo":
         per_token = sapo_surrogate(log_ratio, advantages, spec.sapo_temperature_pos, spec.sapo_temperature_neg)
+        clipped = torch.zeros_like(logps)
+    elif spec.surrogate == "vespo":  # its sequence weight comes from the token log-ratios, whatever the level
+        per_token = vespo_surrogate(logps - old_logps, logps, advantages, mask, spec.vespo_shape,
+                                    spec.vespo_shape_neg)
         clipped = torch.zeros_like(logps)
     else:
         raise ValueError(f"unknown surrogate {spec.surrogate!r}")

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..logprobs import gather_logprobs
+from ..model.minimind import KVCache
 
 
 @dataclass
@@ -157,6 +158,26 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None, rows: 
     return (probs / noise[offset:offset + probs.shape[0]]).argmax(-1)
 
 
+def prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, keys: list[tuple]
+            ) -> torch.Tensor:
+    """Run the prompts into `cache`; the last position's logits (B, V). Rows with the same prompt (`keys`; a GRPO
+    group samples G completions of one prompt) share one prompt forward, whose keys/values are copied into each
+    row's slot of the static cache (native models; other caches get the plain batched forward)."""
+    first: dict[tuple, int] = {}
+    rows = [first.setdefault(key, len(first)) for key in keys]
+    if len(first) == len(keys) or not isinstance(cache, KVCache):
+        return model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    unique = torch.as_tensor([keys.index(key) for key in first], device=prompt_ids.device)
+    rows = torch.as_tensor(rows, device=prompt_ids.device)
+    shared = model.new_cache(len(unique), prompt_ids.shape[1])
+    logits = model(prompt_ids[unique], attention_mask=prompt_mask[unique], cache=shared, logits_to_keep=1).logits
+    width = prompt_ids.shape[1]
+    for cached, prompt_cached in zip(cache.keys + cache.values, shared.keys + shared.values):
+        cached[:, :, :width] = prompt_cached[rows]
+    cache.length = width
+    return logits[:, -1][rows]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, eos_id: int,
              pad_id: int, generator: torch.Generator | None = None, rows: tuple[int, int] | None = None,
@@ -184,7 +205,7 @@ def _generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Samp
     logprobs = torch.zeros((batch, steps), dtype=torch.float32, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
 
-    logits = model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1).logits[:, -1]
+    logits = prefill(model, prompt_ids, prompt_mask, cache, [tuple(p) for p in prompts])
     for t in range(steps):
         logits = logits.float()
         if sampling.temperature > 0:

@@ -68,6 +68,27 @@ class KVCache:
         self.length = 0
 
 
+@dataclass
+class SharedPrompt:
+    """Rows that continue shared prompts: row i of a (B, P + C) batch is prompt `rows[i]` (P left-padded columns,
+    the same for every row of that prompt) followed by C tokens of its own; `first[u]` is a row holding prompt u.
+    A forward given this runs each prompt's P positions once, lets every row attend to its prompt's keys and
+    values, and sends every row's gradient back into that one computation: the same outputs and gradients as
+    the plain batched forward, with the prompt's work done once per group instead of once per row."""
+
+    width: int          # P
+    rows: torch.Tensor  # (B,) index into the prompts
+    first: torch.Tensor  # (U,) a row of each prompt
+
+    @classmethod
+    def of(cls, prompt_index: torch.Tensor, width: int) -> SharedPrompt:
+        """From each row's prompt id (rows of one prompt must hold the same prompt tokens)."""
+        unique, rows = torch.unique(prompt_index, return_inverse=True)
+        order = torch.arange(len(rows), device=rows.device)
+        first = torch.full((len(unique),), len(rows), device=rows.device).scatter_reduce(0, rows, order, "amin")
+        return cls(width, rows, first)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -95,6 +116,32 @@ class Attention(nn.Module):
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def forward_shared(self, x: torch.Tensor, split: tuple[int, int, int, int], rope: tuple[torch.Tensor, ...],
+                       masks: tuple[torch.Tensor | None, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        """Attention over the token-packed streams of `MiniMindLM.forward`'s shared-prompt path: x is (U·P + B·C,
+        hidden), prompts first; projections run once over all tokens, attention per stream, and each row's
+        queries see its prompt's keys (gathered by `rows`, so the gradient sums over the rows) then its own."""
+        u, p, b, c = split
+        cos_p, sin_p, cos_c, sin_c = rope
+        mask_p, mask_c = masks
+
+        def heads(y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+            y_p, y_c = y.split((u * p, b * c))
+            return (y_p.view(u, p, n, self.head_dim).transpose(1, 2), y_c.view(b, c, n, self.head_dim).transpose(1, 2))
+
+        (q_p, q_c), (k_p, k_c) = heads(self.q_proj(x), self.num_heads), heads(self.k_proj(x), self.num_kv_heads)
+        v_p, v_c = heads(self.v_proj(x), self.num_kv_heads)
+        cos_p, sin_p, cos_c, sin_c = (r.unsqueeze(1).to(q_p.dtype) for r in (cos_p, sin_p, cos_c, sin_c))
+        q_p, k_p = q_p * cos_p + _rotate_half(q_p) * sin_p, k_p * cos_p + _rotate_half(k_p) * sin_p
+        q_c, k_c = q_c * cos_c + _rotate_half(q_c) * sin_c, k_c * cos_c + _rotate_half(k_c) * sin_c
+        gqa = self.num_kv_heads != self.num_heads
+        out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask_p, is_causal=mask_p is None,
+                                               enable_gqa=gqa)
+        out_c = F.scaled_dot_product_attention(q_c, torch.cat([k_p[rows], k_c], 2), torch.cat([v_p[rows], v_c], 2),
+                                               attn_mask=mask_c, enable_gqa=gqa)
+        return self.o_proj(torch.cat([out_p.transpose(1, 2).reshape(u * p, -1),
+                                      out_c.transpose(1, 2).reshape(b * c, -1)]))
 
 
 class FeedForward(nn.Module):
@@ -154,6 +201,11 @@ class DecoderLayer(nn.Module):
             return x + mlp_out[0], mlp_out[1]
         return x + mlp_out, None
 
+    def forward_shared(self, x, split, rope, masks, rows) -> torch.Tensor:
+        """The layer on token-packed prompt + continuation streams (dense FFN only)."""
+        x = x + self.self_attn.forward_shared(self.input_layernorm(x), split, rope, masks, rows)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
 
 @dataclass
 class ModelOutput:
@@ -210,9 +262,12 @@ class MiniMindLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                logits_to_keep: int = 0, return_hidden: bool = False, return_logits: bool = True
-                ) -> ModelOutput:
-        """attention_mask covers cache + new tokens (batch, past + T), 1 = real token."""
+                logits_to_keep: int = 0, return_hidden: bool = False, return_logits: bool = True,
+                shared_prompt: SharedPrompt | None = None) -> ModelOutput:
+        """attention_mask covers cache + new tokens (batch, past + T), 1 = real token. With `shared_prompt`
+        (training on groups of completions, no cache) see `forward_shared_prompt`."""
+        if shared_prompt is not None:
+            return self.forward_shared_prompt(input_ids, attention_mask, shared_prompt)
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
         if past + t > self.config.max_seq_len:
@@ -240,6 +295,38 @@ class MiniMindLM(nn.Module):
         if aux_total is not None:
             aux_total = self.config.aux_loss_coef * aux_total / len(self.layers)
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, aux_loss=aux_total)
+
+    def forward_shared_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                              shared: SharedPrompt) -> ModelOutput:
+        """Logits (B, C, V) where logits[:, j] predicts input_ids[:, P + j], for rows that continue shared
+        prompts (`SharedPrompt`): equal to the plain forward's logits[:, P - 1:-1], computed with each prompt's
+        positions run once and without the LM head on prompt positions. Dense models only (MoE's balancing
+        loss would count a shared prompt once)."""
+        if self.config.use_moe:
+            raise ValueError("shared-prompt forward: MoE models are not supported (their balancing loss differs)")
+        b, t = input_ids.shape
+        p, u, c = shared.width, len(shared.first), t - shared.width
+        if t > self.config.max_seq_len:
+            raise ValueError(f"sequence of {t} tokens exceeds max_seq_len {self.config.max_seq_len}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = default_position_ids(attention_mask, 0, b, t, input_ids.device)
+        prompt_positions, own_positions = positions[shared.first, :p], positions[:, p:]
+        rope = (self.rope_cos[prompt_positions], self.rope_sin[prompt_positions], self.rope_cos[own_positions],
+                self.rope_sin[own_positions])
+        masks = (attention_mask_4d(attention_mask[shared.first, :p], p, 0, input_ids.device),
+                 attention_mask_4d(attention_mask, c, p, input_ids.device))
+        x = self.embed_tokens(torch.cat([input_ids[shared.first, :p].reshape(-1), input_ids[:, p:].reshape(-1)]))
+        split = (u, p, b, c)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer.forward_shared, x, split, rope, masks, shared.rows, use_reentrant=False)
+            else:
+                x = layer.forward_shared(x, split, rope, masks, shared.rows)
+        prompt_last = x[:u * p].view(u, p, -1)[:, -1]  # predicts each row's first own token
+        own = x[u * p:].view(b, c, -1)[:, :-1]  # predict the rest (the last position predicts nothing here)
+        hidden = self.norm(torch.cat([prompt_last[shared.rows, None], own], 1))
+        return ModelOutput(logits=self.lm_head(hidden))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = next(self.parameters())

@@ -1,0 +1,129 @@
+"""The shared-prompt forward is exact: rows that continue the same prompt (a GRPO group, a DPO pair) give the same
+log-probs, entropies and gradients as the plain batched forward over whole rows, to float32 rounding. Prompts are
+left-padded to a common width with different real lengths, completions right-padded with different lengths, and
+the rows of one prompt are not adjacent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minirlhf.logprobs import completion_logprobs, shares_prompts
+from minirlhf.model.minimind import SharedPrompt
+
+WIDTH, OWN = 5, 6
+
+
+def batch(vocab: int, seed: int = 0):
+    """7 rows over 3 prompts (real lengths 5, 3, 1), completions of 1..6 tokens; rows of a prompt interleaved."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_lengths, prompt_of_row = [5, 3, 1], [0, 1, 0, 2, 1, 0, 2]
+    own_lengths = [6, 1, 4, 3, 6, 2, 5]
+    prompts = [torch.randint(3, vocab, (n,), generator=g) for n in prompt_lengths]
+    rows = len(prompt_of_row)
+    ids = torch.zeros(rows, WIDTH + OWN, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    completion = torch.zeros_like(ids)
+    for i, (p, n) in enumerate(zip(prompt_of_row, own_lengths)):
+        ids[i, WIDTH - len(prompts[p]):WIDTH] = prompts[p]
+        attention[i, WIDTH - len(prompts[p]):WIDTH + n] = 1
+        completion[i, WIDTH:WIDTH + n] = 1
+        ids[i, WIDTH:WIDTH + n] = torch.randint(3, vocab, (n,), generator=g)
+    return ids, attention, completion, torch.tensor(prompt_of_row)
+
+
+def logprobs_and_grads(model, ids, attention, completion, shared, temperature=0.7):
+    model.zero_grad(set_to_none=True)
+    logps, mask, entropy = completion_logprobs(model, ids, attention, completion, temperature, return_entropy=True,
+                                               entropy_grad=True, shared_prompt=shared)
+    weights = torch.linspace(-1.0, 2.0, logps.numel()).view_as(logps)  # every position matters differently
+    ((logps * weights).sum() + 0.3 * entropy.sum()).backward()
+    return logps.detach(), entropy.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prompt_logprobs_and_gradients_equal_the_plain_forward(make_model, checkpointing):
+    model = make_model(seed=0).train()
+    assert shares_prompts(model)
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    ids, attention, completion, prompt_index = batch(model.config.vocab_size)
+    plain = logprobs_and_grads(model, ids, attention, completion, None)
+    shared_prompt = SharedPrompt.of(prompt_index, WIDTH)
+    assert shared_prompt.rows.tolist() == [0, 1, 0, 2, 1, 0, 2] and shared_prompt.first.tolist() == [0, 1, 3]
+    shared = logprobs_and_grads(model, ids, attention, completion, shared_prompt)
+    torch.testing.assert_close(shared[0], plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared[1], plain[1], atol=1e-5, rtol=1e-5)
+    assert plain[0][:, WIDTH - 1:].abs().sum() > 0 and plain[0][:, :WIDTH - 1].abs().sum() == 0
+    for name, grad in plain[2].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(shared[2][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_grpo_loss_and_gradients_are_the_same_with_shared_prompts(make_model, tokenizer):
+    """The whole GRPO loss (log-probs at the sampling temperature, KL to a reference, entropy bonus) through the
+    algorithm's own path, with share_prompts on and off."""
+    from minirlhf.algorithms.experience import Experience
+    from minirlhf.algorithms.grpo import GRPO, GRPOConfig
+    from minirlhf.data.formats import PromptExample
+
+    policy = make_model(seed=0, vocab_size=tokenizer.vocab_size).train()
+    ids, attention, completion, prompt_index = batch(policy.config.vocab_size, seed=1)
+    order = torch.argsort(prompt_index, stable=True)[:6]  # 3 groups of 2
+    ids, attention, completion, prompt_index = ids[order], attention[order], completion[order], prompt_index[order]
+    g = torch.Generator().manual_seed(2)
+    exp = Experience(ids, attention, completion, torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.2]),
+                     completion.sum(1).float(), torch.zeros(6), prompt_index, prompt_width=WIDTH,
+                     ref_logps=-torch.rand(6, ids.shape[1] - 1, generator=g) * completion[:, 1:])
+    prompts = [PromptExample([{"role": "user", "content": "1+1"}], "2")] * 3
+    results = {}
+    for share in (False, True):
+        cfg = GRPOConfig(group_size=2, prompts_per_rollout=3, batch_size=6, kl_coef=0.1, temperature=0.7,
+                         entropy_coef=0.05, share_prompts=share)
+        algo = GRPO(policy, None, tokenizer, prompts, None, [], cfg=cfg)
+        policy.zero_grad(set_to_none=True)
+        loss, metrics = algo.loss(algo.advantages(exp))
+        loss.backward()
+        results[share] = loss.item(), metrics["entropy"], [p.grad.clone() for p in policy.parameters()]
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-6) and abs(results[False][0]) > 1e-4
+    assert results[True][1] == pytest.approx(results[False][1], abs=1e-5)
+    for shared, plain in zip(results[True][2], results[False][2]):
+        torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-4)
+
+
+def test_models_without_the_shared_forward_take_the_plain_path(make_model):
+    moe = make_model(seed=0, use_moe=True, num_experts=2, experts_per_token=1)
+    assert not shares_prompts(moe) and not shares_prompts(torch.nn.Linear(2, 2))
+    ids, attention, completion, prompt_index = batch(moe.config.vocab_size)
+    shared = completion_logprobs(moe, ids, attention, completion, shared_prompt=SharedPrompt.of(prompt_index, WIDTH))
+    torch.testing.assert_close(shared[0], completion_logprobs(moe, ids, attention, completion)[0])
+
+
+def test_sampler_prefills_each_distinct_prompt_once_and_samples_the_same(make_model, monkeypatch):
+    """A GRPO rollout repeats each prompt G times: the sampler runs each distinct prompt once and copies its
+    keys/values into every row's cache slot; the samples and their log-probs are those of the plain prefill."""
+    from minirlhf.generation import SamplingConfig, generate, sampler
+
+    model = make_model(seed=0)
+    prompts = [[5, 6, 7], [9, 3], [5, 6, 7], [5, 6, 7], [9, 3], [11]]
+    calls = []
+    real_forward = model.forward
+
+    def counting_forward(input_ids, *args, **kwargs):
+        calls.append(tuple(input_ids.shape))
+        return real_forward(input_ids, *args, **kwargs)
+
+    def run() -> sampler.Rollout:
+        return generate(model, prompts, SamplingConfig(max_new_tokens=6, temperature=1.0), eos_id=2, pad_id=0,
+                        generator=torch.Generator().manual_seed(3))
+
+    monkeypatch.setattr(model, "forward", counting_forward)
+    shared = run()
+    assert calls[0] == (3, 3)  # 3 distinct prompts, width 3
+    monkeypatch.setattr(sampler, "prefill", lambda model, ids, mask, cache, keys: model(
+        ids, attention_mask=mask, cache=cache, logits_to_keep=1).logits[:, -1])
+    calls.clear()
+    plain = run()
+    assert calls[0] == (6, 3)
+    assert torch.equal(shared.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
