@@ -71,7 +71,8 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None
 
 
 def sequence_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                      completion_mask: torch.Tensor, shared_prompt: SharedPrompt | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of completion-token log-probs, number of completion tokens), each (batch,)."""
-    logps, mask = completion_logprobs(model, input_ids, attention_mask, completion_mask)
+    logps, mask = completion_logprobs(model, input_ids, attention_mask, completion_mask, shared_prompt=shared_prompt)
     return logps.sum(-1), mask.sum(-1)

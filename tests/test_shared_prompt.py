@@ -127,3 +127,47 @@ def test_sampler_prefills_each_distinct_prompt_once_and_samples_the_same(make_mo
     assert calls[0] == (6, 3)
     assert torch.equal(shared.completion_ids, plain.completion_ids)
     torch.testing.assert_close(shared.logprobs, plain.logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_dpo_pairs_share_their_prompt_with_the_same_loss_and_gradients(make_model, tokenizer):
+    """A DPO pair's chosen and rejected rows continue one prompt: laid out as a left-padded prompt plus right-padded
+    responses it runs once, with the loss, gradients and reference log-probs of the concatenated forward. A pair
+    whose two prompts were cut differently (truncation) sends its batch down the plain path."""
+    from minirlhf.algorithms.dpo import DPO, DPOConfig, pair_batch, pair_sequence_logprobs
+    from minirlhf.data.pairs import TokenizedPair, collate_pairs, collate_shared_prompts
+    from minirlhf.logprobs import sequence_logprobs
+
+    g = torch.Generator().manual_seed(4)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 60, (n,), generator=g).tolist()
+
+    prompts = [ids(6), ids(2), ids(4)]
+    pairs = [TokenizedPair(p + ids(c), len(p), p + ids(r), len(p)) for p, c, r in zip(prompts, (3, 5, 1), (4, 2, 6))]
+    policy = make_model(seed=0).train()
+    with torch.no_grad():
+        plain = sequence_logprobs(policy, *collate_pairs(pairs, 0))  # the concatenated forward: (2B,) each
+    shared = pair_sequence_logprobs(policy, pairs, pad_id=0)  # the default: shared prompts on a native model
+    assert pair_batch(policy, pairs, 0, torch.device("cpu"))[3] is not None
+    results = {}
+    for share in (False, True):
+        cfg = DPOConfig(batch_size=3, beta=0.1, precompute_ref=True, share_prompts=share)
+        algo = DPO(policy, make_model(seed=1), tokenizer, pairs, [], [], cfg)
+        batch = algo.micro_batches(0)[0]
+        assert (batch[1][3] is not None) == share
+        policy.zero_grad(set_to_none=True)
+        loss, _ = algo.loss(batch)
+        loss.backward()
+        results[share] = loss.item(), [p.grad.clone() for p in policy.parameters()], algo.ref_logps
+    with torch.no_grad():
+        plain_ref = sequence_logprobs(make_model(seed=1), *collate_pairs(pairs, 0))[0].chunk(2)
+    assert results[True][0] == pytest.approx(results[False][0], abs=1e-6)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.cat(shared[:2]), plain[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(shared[2:]), plain[1])
+    assert plain[0].abs().min() > 0
+    torch.testing.assert_close(results[True][2][0], plain_ref[0], atol=1e-5, rtol=1e-5)
+    cut = TokenizedPair(prompts[0][1:] + ids(3), 5, prompts[0] + ids(2), 6)  # the chosen row lost a prompt token
+    assert collate_shared_prompts([pairs[0], cut], 0) is None
+    assert pair_batch(policy, [pairs[0], cut], 0, torch.device("cpu"))[3] is None

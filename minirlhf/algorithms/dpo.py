@@ -30,10 +30,11 @@ from torch import nn
 from ..config import field
 from ..data.batching import StepBatches
 from ..data.formats import load_prompts
-from ..data.pairs import collate_pairs, load_pairs, tokenize_pairs
+from ..data.pairs import collate_pairs, collate_shared_prompts, load_pairs, tokenize_pairs
 from ..eval import task_metrics
-from ..logprobs import sequence_logprobs
+from ..logprobs import sequence_logprobs, shares_prompts
 from ..model import frozen_reference
+from ..model.minimind import SharedPrompt
 from ..tokenizer import Tokenizer
 from ..train import distributed
 from ..train.loop import Algorithm, TrainConfig, train
@@ -41,6 +42,20 @@ from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_re
 from ..train.start import load_start
 
 LossType = Literal["sigmoid", "ipo", "hinge", "robust", "simpo"]
+
+
+def pair_batch(model: nn.Module, rows, pad_id: int, device: torch.device, share_prompts: bool = True
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, SharedPrompt | None]:
+    """(input_ids, attention_mask, completion_mask, shared prompt) of B pairs, chosen rows then rejected rows.
+    When the model has the shared-prompt forward, a pair's two rows continue one left-padded prompt that runs
+    once (the same log-probs, less work); otherwise the "concatenated forward" layout of `collate_pairs`."""
+    if share_prompts and shares_prompts(model):
+        shared = collate_shared_prompts(rows, pad_id, device)
+        if shared is not None:
+            ids, attention, completion, width = shared
+            pair = torch.arange(len(rows), device=device)
+            return ids, attention, completion, SharedPrompt(width, pair.repeat(2), pair)
+    return (*collate_pairs(rows, pad_id, device), None)
 
 
 @torch.no_grad()
@@ -51,8 +66,7 @@ def pair_sequence_logprobs(model: nn.Module, pairs, pad_id: int, batch_size: int
     out: list[tuple[torch.Tensor, ...]] = []
     for i in range(0, len(pairs), batch_size):
         rows = pairs[i:i + batch_size]
-        ids, attention, completion = collate_pairs(rows, pad_id, device)
-        logps, lengths = sequence_logprobs(model, ids, attention, completion)
+        logps, lengths = sequence_logprobs(model, *pair_batch(model, rows, pad_id, device))
         n = len(rows)
         out.append((logps[:n], logps[n:], lengths[:n], lengths[n:]))
     return tuple(torch.cat(parts) for parts in zip(*out))  # type: ignore[return-value]
@@ -134,6 +148,8 @@ class DPOConfig(ReferenceSyncConfig, TrainConfig):
     rpo_alpha: float = field(0.0, "α: add α x the chosen response's mean token NLL to each pair's loss (RPO, Pang "
                                   "et al., 2024; TRL's rpo_alpha takes a token mean over the batch instead)", min=0)
     precompute_ref: bool = field(True, "compute reference log-probs once before training (no reference model held)")
+    share_prompts: bool = field(True, "run a pair's prompt once for both responses (native dense models; exact, "
+                                      "only faster)")
 
 
 class DPO(Algorithm):
@@ -157,7 +173,8 @@ class DPO(Algorithm):
         check_reference_sync(cfg, self.reference, "dpo")
 
     def micro_batches(self, step: int):
-        return [(torch.as_tensor(idx), collate_pairs([self.pairs[i] for i in idx], self.tokenizer.pad_id, self.device))
+        return [(torch.as_tensor(idx), pair_batch(self.policy, [self.pairs[i] for i in idx], self.tokenizer.pad_id,
+                                                  self.device, self.cfg.share_prompts))
                 for idx in self.batches.indices(step)]
 
     def _reference_logps(self, idx: torch.Tensor, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -61,6 +61,26 @@ def collate_pairs(rows: Sequence[TokenizedPair], pad_id: int, device: torch.devi
     return ids.to(device), attention.to(device), completion.to(device)
 
 
+def collate_shared_prompts(rows: Sequence[TokenizedPair], pad_id: int, device: torch.device | str = "cpu"
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None:
+    """(input_ids, attention_mask, completion_mask, P), each (2B, P + R), chosen rows then rejected rows, laid out
+    as the prompt left-padded to P columns, then the response right-padded: the layout in which a pair's two
+    rows continue one prompt, so a shared-prompt forward runs it once (`SharedPrompt`). None when a pair's two
+    prompts differ (truncation cut them differently): then `collate_pairs`."""
+    prompts = [r.chosen_ids[:r.chosen_start] for r in rows]
+    if any(r.rejected_ids[:r.rejected_start] != p for r, p in zip(rows, prompts)):
+        return None
+    responses = [r.chosen_ids[r.chosen_start:] for r in rows] + [r.rejected_ids[r.rejected_start:] for r in rows]
+    width = max(len(p) for p in prompts)
+    prompt_ids = [[pad_id] * (width - len(p)) + p for p in prompts] * 2
+    prompt_mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts] * 2
+    ids = torch.cat([torch.tensor(prompt_ids), pad_right(responses, pad_id)], 1)
+    response_mask = pad_right([[1] * len(r) for r in responses], 0)
+    attention = torch.cat([torch.tensor(prompt_mask), response_mask], 1)
+    completion = torch.cat([torch.zeros(len(responses), width, dtype=torch.long), response_mask], 1)
+    return ids.to(device), attention.to(device), completion.to(device), width
+
+
 def load_pairs(path: str) -> list[PreferencePair]:
     """`load_preferences`, telling the user how many pairs were skipped (chosen == rejected, empty) and why."""
     skipped: list[str] = []
