@@ -1,7 +1,9 @@
 """DPO training speed: our `DPO` algorithm in our training loop vs `trl.DPOTrainer`, same model, data and batch.
 
-Both engines train the same randomly initialised Hugging Face `LlamaForCausalLM` (one seeded init, a deep copy
-each), in the same process with the same torch thread count, on the same preference pairs
+Both engines train the same randomly initialised weights: ours a native `MiniMindLM` (so a pair's prompt runs once
+for both responses: `share_prompts`; `--no-share-prompts` turns that off), TRL the same weights exported with
+`export_hf` and reloaded as a Hugging Face `LlamaForCausalLM`; in the same process with the same torch thread
+count, on the same preference pairs
 (`minirlhf.data.task.preference_records`) tokenized by the same BPE (trained here with `train_tokenizer`; TRL
 gets it saved and reloaded as a `PreTrainedTokenizerFast`). TRL is fed the chat-rendered prompt text and the
 response text, so its own tokenization gives exactly our token ids (checked: `same_tokens`); every sequence
@@ -47,6 +49,8 @@ from minirlhf.algorithms.dpo import DPO, DPOConfig
 from minirlhf.data.formats import PreferencePair
 from minirlhf.data.pairs import tokenize_pairs
 from minirlhf.data.task import generate_problems, preference_records
+from minirlhf.model import MiniMindLM, preset
+from minirlhf.model.hf_export import export_hf
 from minirlhf.tokenizer import Tokenizer
 from minirlhf.train.loop import train
 
@@ -60,7 +64,7 @@ def run_ours(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out
     cfg = DPOConfig(out_dir=str(out_dir), steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
                     warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, seed=args.seed, device="cpu",
                     progress=False, max_len=args.max_len, beta=args.beta, loss_type="sigmoid",
-                    precompute_ref=not args.live_ref)
+                    precompute_ref=not args.live_ref, share_prompts=not args.no_share_prompts)
     tokenized = tokenize_pairs(tokenizer, pairs, cfg.max_len)
     # as `dpo.run` does: the reference is the starting policy (precomputed in __init__), or a frozen copy of it
     reference = copy.deepcopy(model) if args.live_ref else model
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pairs", type=int, default=256, help="training pairs (>= steps x batch: one epoch)")
     parser.add_argument("--max-len", type=int, default=256, help="tokens per sequence (no pair is cut at 256)")
     parser.add_argument("--beta", type=float, default=0.1)
+    parser.add_argument("--no-share-prompts", action="store_true",
+                        help="ours without the shared-prompt forward (the concatenated forward, as TRL)")
     parser.add_argument("--live-ref", action="store_true",
                         help="no reference precompute: both engines run a frozen reference model every step")
     add_shared_flags(parser)
@@ -134,28 +140,32 @@ def main(argv: list[str] | None = None) -> dict:
 
     import transformers
     import trl
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     quiet_hf(args.threads)
 
     tokenizer = task_tokenizer(args.vocab)
     records = preference_records(generate_problems(args.pairs, seed=args.seed), seed=args.seed)
     pairs = [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"], r["rejected"]) for r in records]
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=max(256, args.max_len),
-                         pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id, bos_token_id=None)
+    config = preset("tiny", vocab_size=tokenizer.vocab_size, hidden_size=args.hidden, num_layers=args.layers,
+                    num_heads=args.heads, num_kv_heads=args.kv_heads, intermediate_size=2 * args.hidden,
+                    max_seq_len=max(256, args.max_len))
     torch.manual_seed(args.seed)
-    initial = LlamaForCausalLM(config).float()
-    params = sum(p.numel() for p in initial.parameters())
+    initial = MiniMindLM(config).float()
+    params = initial.num_parameters()
 
     results: dict[str, list[dict]] = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(Path(tmp) / "tokenizer")
+        model_dir = export_hf(initial, Path(tmp) / "hf", tokenizer_dir=Path(tmp) / "tokenizer",
+                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         for r in range(args.rounds):
-            for name, fn in (("ours", run_ours), ("trl", run_trl)):
-                torch.manual_seed(args.seed)
-                results[name].append(fn(copy.deepcopy(initial).train(), tokenizer, pairs, args,
-                                        Path(tmp) / f"{name}{r}"))
+            torch.manual_seed(args.seed)
+            results["ours"].append(run_ours(copy.deepcopy(initial).train(), tokenizer, pairs, args,
+                                            Path(tmp) / f"ours{r}"))
+            torch.manual_seed(args.seed)
+            trl_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).train()
+            results["trl"].append(run_trl(trl_model, tokenizer, pairs, args, Path(tmp) / f"trl{r}"))
     ours, theirs = results["ours"], results["trl"]
     ours_sps = statistics.median(x["steps_per_s"] for x in ours)
     trl_sps = statistics.median(x["steps_per_s"] for x in theirs)
@@ -163,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
-        "model": f"LlamaForCausalLM {args.layers}x{args.hidden}, vocab {tokenizer.vocab_size}",
+        "model": f"MiniMindLM {args.layers}x{args.hidden} (ours) = exported LlamaForCausalLM (TRL), "
+                 f"vocab {tokenizer.vocab_size}",
+        "ours_share_prompts": not args.no_share_prompts,
         "params": params,
         "batch_pairs": args.batch,
         "max_len": args.max_len,

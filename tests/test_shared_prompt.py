@@ -171,3 +171,16 @@ def test_dpo_pairs_share_their_prompt_with_the_same_loss_and_gradients(make_mode
     cut = TokenizedPair(prompts[0][1:] + ids(3), 5, prompts[0] + ids(2), 6)  # the chosen row lost a prompt token
     assert collate_shared_prompts([pairs[0], cut], 0) is None
     assert pair_batch(policy, [pairs[0], cut], 0, torch.device("cpu"))[3] is None
+
+
+def test_shared_prompt_forward_under_bf16_autocast_stays_close(make_model):
+    """Under bf16 autocast (the loop's `bf16=true`) the packed path runs and agrees with the plain one to bf16
+    precision; log-probs stay float32."""
+    model = make_model(seed=0)
+    ids, attention, completion, prompt_index = batch(model.config.vocab_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = completion_logprobs(model, ids, attention, completion)[0]
+        shared = completion_logprobs(model, ids, attention, completion,
+                                     shared_prompt=SharedPrompt.of(prompt_index, WIDTH))[0]
+    assert shared.dtype == torch.float32
+    torch.testing.assert_close(shared, plain, atol=0.1, rtol=0.05)

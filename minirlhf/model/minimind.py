@@ -89,6 +89,21 @@ class SharedPrompt:
         return cls(width, rows, first)
 
 
+@dataclass
+class PackedLayout:
+    """Where the real tokens of a shared-prompt batch sit: `real` indexes them in the flat padded layout (the U
+    prompts' P columns, then the B rows' C own columns); their RoPE tables (n, 1, head_dim); the attention masks
+    of the padded prompt and continuation layouts; the prompt of each row."""
+
+    split: tuple[int, int, int, int]  # U, P, B, C
+    real: torch.Tensor
+    rows: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    prompt_mask: torch.Tensor | None
+    own_mask: torch.Tensor
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -117,31 +132,34 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
-    def forward_shared(self, x: torch.Tensor, split: tuple[int, int, int, int], rope: tuple[torch.Tensor, ...],
-                       masks: tuple[torch.Tensor | None, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        """Attention over the token-packed streams of `MiniMindLM.forward`'s shared-prompt path: x is (U·P + B·C,
-        hidden), prompts first; projections run once over all tokens, attention per stream, and each row's
-        queries see its prompt's keys (gathered by `rows`, so the gradient sums over the rows) then its own."""
-        u, p, b, c = split
-        cos_p, sin_p, cos_c, sin_c = rope
-        mask_p, mask_c = masks
+    def forward_shared(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Attention for `MiniMindLM.forward_shared_prompt`: x holds only the real tokens (n, hidden), prompts
+        first. Projections and RoPE run on those; for attention they are scattered into the padded prompt
+        (U, P) and continuation (B, C) layouts, where each row's queries see its prompt's keys (gathered by
+        `rows`, so the gradient sums over the rows) and then its own; the outputs are gathered back."""
+        u, p, b, c = layout.split
+        n = x.shape[0]
 
-        def heads(y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-            y_p, y_c = y.split((u * p, b * c))
-            return (y_p.view(u, p, n, self.head_dim).transpose(1, 2), y_c.view(b, c, n, self.head_dim).transpose(1, 2))
+        def rotated(y: torch.Tensor, heads: int) -> torch.Tensor:
+            y = y.view(n, heads, self.head_dim)
+            return (y * layout.cos.to(y.dtype) + _rotate_half(y) * layout.sin.to(y.dtype)).view(n, -1)
 
-        (q_p, q_c), (k_p, k_c) = heads(self.q_proj(x), self.num_heads), heads(self.k_proj(x), self.num_kv_heads)
-        v_p, v_c = heads(self.v_proj(x), self.num_kv_heads)
-        cos_p, sin_p, cos_c, sin_c = (r.unsqueeze(1).to(q_p.dtype) for r in (cos_p, sin_p, cos_c, sin_c))
-        q_p, k_p = q_p * cos_p + _rotate_half(q_p) * sin_p, k_p * cos_p + _rotate_half(k_p) * sin_p
-        q_c, k_c = q_c * cos_c + _rotate_half(q_c) * sin_c, k_c * cos_c + _rotate_half(k_c) * sin_c
+        def padded(y: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+            full = y.new_zeros(u * p + b * c, y.shape[1]).index_copy(0, layout.real, y)
+            y_p, y_c = full.split((u * p, b * c))
+            return (y_p.view(u, p, heads, self.head_dim).transpose(1, 2),
+                    y_c.view(b, c, heads, self.head_dim).transpose(1, 2))
+
+        q_p, q_c = padded(rotated(self.q_proj(x), self.num_heads), self.num_heads)
+        k_p, k_c = padded(rotated(self.k_proj(x), self.num_kv_heads), self.num_kv_heads)
+        v_p, v_c = padded(self.v_proj(x), self.num_kv_heads)
         gqa = self.num_kv_heads != self.num_heads
-        out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=mask_p, is_causal=mask_p is None,
+        out_p = F.scaled_dot_product_attention(q_p, k_p, v_p, attn_mask=layout.prompt_mask, enable_gqa=gqa)
+        out_c = F.scaled_dot_product_attention(q_c, torch.cat([k_p[layout.rows], k_c], 2),
+                                               torch.cat([v_p[layout.rows], v_c], 2), attn_mask=layout.own_mask,
                                                enable_gqa=gqa)
-        out_c = F.scaled_dot_product_attention(q_c, torch.cat([k_p[rows], k_c], 2), torch.cat([v_p[rows], v_c], 2),
-                                               attn_mask=mask_c, enable_gqa=gqa)
-        return self.o_proj(torch.cat([out_p.transpose(1, 2).reshape(u * p, -1),
-                                      out_c.transpose(1, 2).reshape(b * c, -1)]))
+        out = torch.cat([out_p.transpose(1, 2).reshape(u * p, -1), out_c.transpose(1, 2).reshape(b * c, -1)])
+        return self.o_proj(out[layout.real])
 
 
 class FeedForward(nn.Module):
@@ -201,9 +219,9 @@ class DecoderLayer(nn.Module):
             return x + mlp_out[0], mlp_out[1]
         return x + mlp_out, None
 
-    def forward_shared(self, x, split, rope, masks, rows) -> torch.Tensor:
-        """The layer on token-packed prompt + continuation streams (dense FFN only)."""
-        x = x + self.self_attn.forward_shared(self.input_layernorm(x), split, rope, masks, rows)
+    def forward_shared(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """The layer on the packed real tokens of prompts + continuations (dense FFN only)."""
+        x = x + self.self_attn.forward_shared(self.input_layernorm(x), layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -300,8 +318,8 @@ class MiniMindLM(nn.Module):
                               shared: SharedPrompt) -> ModelOutput:
         """Logits (B, C, V) where logits[:, j] predicts input_ids[:, P + j], for rows that continue shared
         prompts (`SharedPrompt`): equal to the plain forward's logits[:, P - 1:-1], computed with each prompt's
-        positions run once and without the LM head on prompt positions. Dense models only (MoE's balancing
-        loss would count a shared prompt once)."""
+        positions run once, no work on padding (linears and norms see only real tokens, packed) and no LM head
+        on prompt positions. Dense models only (MoE's balancing loss would count a shared prompt once)."""
         if self.config.use_moe:
             raise ValueError("shared-prompt forward: MoE models are not supported (their balancing loss differs)")
         b, t = input_ids.shape
@@ -311,22 +329,28 @@ class MiniMindLM(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = default_position_ids(attention_mask, 0, b, t, input_ids.device)
-        prompt_positions, own_positions = positions[shared.first, :p], positions[:, p:]
-        rope = (self.rope_cos[prompt_positions], self.rope_sin[prompt_positions], self.rope_cos[own_positions],
-                self.rope_sin[own_positions])
-        masks = (attention_mask_4d(attention_mask[shared.first, :p], p, 0, input_ids.device),
-                 attention_mask_4d(attention_mask, c, p, input_ids.device))
-        x = self.embed_tokens(torch.cat([input_ids[shared.first, :p].reshape(-1), input_ids[:, p:].reshape(-1)]))
-        split = (u, p, b, c)
+
+        def flat(x: torch.Tensor) -> torch.Tensor:  # the prompts' columns once, then every row's own columns
+            return torch.cat([x[shared.first, :p].reshape(-1), x[:, p:].reshape(-1)])
+
+        real = flat(attention_mask).nonzero().squeeze(1)
+        real_positions = flat(positions)[real]
+        layout = PackedLayout(
+            split=(u, p, b, c), real=real, rows=shared.rows,
+            cos=self.rope_cos[real_positions].unsqueeze(1), sin=self.rope_sin[real_positions].unsqueeze(1),
+            prompt_mask=attention_mask_4d(attention_mask[shared.first, :p], p, 0, input_ids.device),
+            own_mask=attention_mask_4d(attention_mask, c, p, input_ids.device))
+        x = self.embed_tokens(flat(input_ids)[real])
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer.forward_shared, x, split, rope, masks, shared.rows, use_reentrant=False)
+                x = checkpoint(layer.forward_shared, x, layout, use_reentrant=False)
             else:
-                x = layer.forward_shared(x, split, rope, masks, shared.rows)
-        prompt_last = x[:u * p].view(u, p, -1)[:, -1]  # predicts each row's first own token
-        own = x[u * p:].view(b, c, -1)[:, :-1]  # predict the rest (the last position predicts nothing here)
-        hidden = self.norm(torch.cat([prompt_last[shared.rows, None], own], 1))
-        return ModelOutput(logits=self.lm_head(hidden))
+                x = layer.forward_shared(x, layout)
+        hidden = self.norm(x)
+        full = hidden.new_zeros(u * p + b * c, hidden.shape[1]).index_copy(0, real, hidden)  # padding: 0
+        prompt_last = full[:u * p].view(u, p, -1)[:, -1]  # (a real token: prompts are left-padded)
+        own = full[u * p:].view(b, c, -1)[:, :-1]  # the last position predicts nothing here
+        return ModelOutput(logits=self.lm_head(torch.cat([prompt_last[shared.rows, None], own], 1)))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = next(self.parameters())
