@@ -263,3 +263,20 @@ def test_resume_drops_a_torn_metrics_line(tmp_path, capsys):
     train(Toy(nan_steps=set()), toy_config(tmp_path, steps=4, resume=True))
     assert f"{metrics}: dropped 1 unreadable line" in capsys.readouterr().err
     assert [r["step"] for r in read_metrics(tmp_path) if "loss" in r] == [1, 2, 3, 4]
+
+
+def test_max_minutes_stops_after_the_step_that_crosses_it_and_saves_the_result(tmp_path, capsys):
+    """A time budget ends the run after the first step that finishes past it; the final evaluation and model are
+    written as after the last step (here every step takes ~0.1 s and the budget is 0.25 s)."""
+    import json
+    import time
+
+    class Slow(Toy):
+        def loss(self, batch):
+            time.sleep(0.1)
+            return super().loss(batch)
+
+    train(Slow(set()), toy_config(tmp_path, steps=50, max_minutes=0.25 / 60))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 3 <= max(steps) <= 5 and "max_minutes=0.00416667 reached" in capsys.readouterr().err
+    assert (tmp_path / "final" / "model.safetensors").is_file()

@@ -42,6 +42,9 @@ class TrainConfig:
     out_dir: str = field("runs/stage", "checkpoints, metrics.jsonl, curves.png and final/ go here")
     steps: int = field(100, "optimizer steps", min=1)
     epochs: float = field(0.0, "if > 0: passes over the training data, overriding `steps`", min=0)
+    max_minutes: float = field(0.0, "if > 0: stop after the first step that ends this many minutes into training "
+                                    "(then evaluate and save as at the last step); the schedule still spans `steps`",
+                               min=0)
     batch_size: int = field(16, "examples per micro-batch", min=1)
     grad_accum: int = field(1, "micro-batches per optimizer step", min=1)
     lr: float = field(1e-3, "peak learning rate", gt=0)
@@ -206,7 +209,8 @@ STATE_KEYS = {"step", "bad_steps", "optimizer", "scheduler", "rng_torch", "rng_p
 RESUME_SAFE_OPTIONS = {"steps", "epochs", "resume", "allow_config_change", "overwrite", "progress", "report_to",
                        "eval_every", "save_every", "keep_checkpoints", "device", "max_bad_steps", "eval_data",
                        "eval_samples", "eval_prompts", "eval_pref_data", "max_new_tokens_eval", "out_dir",
-                       "batch_size", "grad_accum", "parallel", "gradient_checkpointing", "vllm_gpu_memory"}
+                       "batch_size", "grad_accum", "parallel", "gradient_checkpointing", "vllm_gpu_memory",
+                       "max_minutes", "share_prompts"}
 
 
 def run_identity(name: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -352,7 +356,9 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=name, disable=not (cfg.progress and main),
                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15.0, file=sys.stderr)
     eval_metrics: dict[str, float] = {}
+    done = start
     for step in bar:
+        done = step + 1
         batches = algo.micro_batches(step)
         for m in algo.modules.values():  # after micro_batches: a rollout leaves the policy in eval mode
             m.train()
@@ -381,13 +387,16 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         if log:
             log.log(step + 1, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-        done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done != cfg.steps and (log or fsdp):
             eval_metrics = _evaluate(algo, final=False)  # FSDP: every rank runs the same evaluation in lockstep
             if log:
                 log.log(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
         if cfg.save_every and done % cfg.save_every == 0:
             save_checkpoint(done)
+        out_of_time = cfg.max_minutes > 0 and time.time() - t0 > 60 * cfg.max_minutes
+        if cfg.max_minutes > 0 and distributed.all_sum(float(out_of_time)) > 0:  # every rank stops at one step
+            print(f"{name}: stopping after step {done}: max_minutes={cfg.max_minutes:g} reached", file=sys.stderr)
+            break
     bar.close()
     if skipped:
         if skipped >= cfg.steps:
@@ -398,7 +407,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
     if log or fsdp:  # rank 0 evaluates and writes the result while the others wait (FSDP: all evaluate)
         eval_metrics = _evaluate(algo, final=True)
     if log:
-        log.log(cfg.steps, {f"eval/{k}": v for k, v in eval_metrics.items()})
+        log.log(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
     with distributed.full_modules(algo):
         if main:
             first = next(iter(algo.modules))
