@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 import warnings
 
 import torch
@@ -18,6 +19,18 @@ def task_tokenizer(vocab_size: int) -> Tokenizer:
     for rec in sft_records(problems[:100]):
         texts.append("".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in rec["conversations"]))
     return train_tokenizer(texts, vocab_size)
+
+
+def matmul_peak_gflops(hidden: int, rows: int = 4096, repeats: int = 20) -> float:
+    """The fp32 `F.linear` rate this machine reaches at the model's shape ((rows, hidden) x (hidden, 2·hidden), the
+    current torch threads): what a training step's GFLOP/s is measured against."""
+    x, w = torch.randn(rows, hidden), torch.randn(2 * hidden, hidden)
+    for _ in range(3):
+        torch.nn.functional.linear(x, w)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.nn.functional.linear(x, w)
+    return 2 * rows * hidden * 2 * hidden * repeats / (time.perf_counter() - start) / 1e9
 
 
 def quiet_hf(threads: int) -> None:

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_shared_flags, quiet_hf, resolve_size, task_tokenizer
+from common import add_shared_flags, matmul_peak_gflops, quiet_hf, resolve_size, task_tokenizer
 
 from minirlhf.algorithms.dpo import DPO, DPOConfig
 from minirlhf.data.formats import PreferencePair
@@ -170,6 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
     ours_sps = statistics.median(x["steps_per_s"] for x in ours)
     trl_sps = statistics.median(x["steps_per_s"] for x in theirs)
     seq_lens = [len(c) for c, *_ in ours[0]["ids"]] + [len(r) for _, r, *_ in ours[0]["ids"]]
+    # nominal work of a step, the same for both: forward + backward (6N FLOPs a token, N = parameters) over both
+    # rows of every pair, at the mean length; ours does less (the prompt once per pair), so its rate is "effective"
+    gflop = 6 * params * 2 * args.batch * statistics.fmean(seq_lens) / 1e9
     result = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -188,6 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_steps_per_s": round(ours_sps, 2),
         "trl_steps_per_s": round(trl_sps, 2),
         "speedup": round(ours_sps / trl_sps, 2),
+        "nominal_gflop_per_step": round(gflop, 1),
+        "ours_effective_gflops": round(gflop * ours_sps, 1),
+        "trl_gflops": round(gflop * trl_sps, 1),
+        "fp32_matmul_peak_gflops": round(matmul_peak_gflops(args.hidden), 1),
         "ours_steps_per_s_runs": [round(x["steps_per_s"], 2) for x in ours],
         "trl_steps_per_s_runs": [round(x["steps_per_s"], 2) for x in theirs],
         "ours_first_loss": round(ours[0]["first_loss"], 5),

@@ -34,7 +34,8 @@ encoding are outside the timed window. With `--rounds` > 1 the engines alternate
     python bench/grpo.py [--rounds 3 --steps 4 --warmup 1 --prompts 8 --group 8 --max-new-tokens 64 --natural]
     python bench/grpo.py --tiny --steps 10 --warmup 2 --prompts 4 --group 4 --max-new-tokens 32   # overhead only
 
-Prints one JSON object; `speedup` = TRL seconds/step / our seconds/step.
+Prints one JSON object; `speedup` = TRL seconds/step / our seconds/step; GFLOP/s of the nominal work (see
+`nominal_gflop_per_step`) against the fp32 matmul rate measured at the model's shape.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_shared_flags, quiet_hf, resolve_size, task_tokenizer
+from common import add_shared_flags, matmul_peak_gflops, quiet_hf, resolve_size, task_tokenizer
 
 from minirlhf.algorithms.grpo import GRPO, GRPOConfig
 from minirlhf.data.formats import PromptExample
@@ -188,6 +189,12 @@ def main(argv: list[str] | None = None) -> dict:
     ours, theirs = results["ours"], results["trl"]
     ours_s = statistics.median(x["seconds_per_step"] for x in ours)
     trl_s = statistics.median(x["seconds_per_step"] for x in theirs)
+    # Nominal work of a step, the same for both engines: every row's prompt + completion through the sampler (2N
+    # FLOPs a token), the reference (2N) and the policy's forward + backward (6N), N = parameters; attention
+    # scores left out. Ours does less than this (prompts once per group, no padding): its rate is "effective".
+    prompt_len = statistics.fmean(len(tokenizer.encode_prompt(p.prompt)) for p in prompts)
+    completion_len = statistics.fmean(x["completion_len"] for x in ours)
+    gflop = 10 * initial.num_parameters() * args.prompts * args.group * (prompt_len + completion_len) / 1e9
     result = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -208,6 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_seconds_per_step": round(ours_s, 4),
         "trl_seconds_per_step": round(trl_s, 4),
         "speedup": round(trl_s / ours_s, 2),
+        "nominal_gflop_per_step": round(gflop, 1),
+        "ours_effective_gflops": round(gflop / ours_s, 1),
+        "trl_gflops": round(gflop / trl_s, 1),
+        "fp32_matmul_peak_gflops": round(matmul_peak_gflops(args.hidden), 1),
         "ours_seconds_per_step_runs": [round(x["seconds_per_step"], 4) for x in ours],
         "trl_seconds_per_step_runs": [round(x["seconds_per_step"], 4) for x in theirs],
         "ours_mean_completion_len": round(statistics.fmean(x["completion_len"] for x in ours), 2),
