@@ -19,6 +19,7 @@ from .config import ConfigError, describe, load_stage_config, parse_overrides
 from .data.formats import DataError
 from .errors import SetupError, blocked_pickle_reason, one_line
 from .stages import STAGES, check_context_window
+from .train import distributed
 from .train.checkpoint import check_writable_dir, checkpoint_dirs
 from .train.loop import NonFiniteError
 
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:
         print(f"minirlhf: {e.args[0] if e.args else 'interrupted'}", file=sys.stderr)
         return Interrupted.status_of(e)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,13 @@ def setup(device: torch.device) -> torch.device:
     return device
 
 
+def teardown() -> None:
+    """Leave the process group, if this process joined one: without it gloo's threads can outlive the interpreter
+    and abort the process at exit (seen as "terminate called without an active exception", exit -6)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard(items: list, what: str = "items") -> list:
     """This rank's contiguous slice of `items` (whose length must divide by the world size)."""
     n, w = len(items), world_size()
