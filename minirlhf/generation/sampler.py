@@ -163,12 +163,14 @@ def prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tenso
     """Run the prompts into `cache`; the last position's logits (B, V). Rows with the same prompt (`keys`; a GRPO
     group samples G completions of one prompt) share one prompt forward, whose keys/values are copied into each
     row's slot of the static cache (native models; other caches get the plain batched forward)."""
-    first: dict[tuple, int] = {}
-    rows = [first.setdefault(key, len(first)) for key in keys]
+    first: dict[tuple, int] = {}  # each distinct prompt -> the first row holding it
+    for row, key in enumerate(keys):
+        first.setdefault(key, row)
     if len(first) == len(keys) or not isinstance(cache, KVCache):
         return model(prompt_ids, attention_mask=prompt_mask, cache=cache, logits_to_keep=1).logits[:, -1]
-    unique = torch.as_tensor([keys.index(key) for key in first], device=prompt_ids.device)
-    rows = torch.as_tensor(rows, device=prompt_ids.device)
+    slot = {key: u for u, key in enumerate(first)}
+    unique = torch.as_tensor(list(first.values()), device=prompt_ids.device)
+    rows = torch.as_tensor([slot[key] for key in keys], device=prompt_ids.device)
     shared = model.new_cache(len(unique), prompt_ids.shape[1])
     logits = model(prompt_ids[unique], attention_mask=prompt_mask[unique], cache=shared, logits_to_keep=1).logits
     width = prompt_ids.shape[1]
