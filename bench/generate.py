@@ -12,12 +12,13 @@ Both engines must produce exactly `--new-tokens` tokens per row, so neither may 
 The output lengths are checked. Each engine gets one warm-up run, then the median of `--runs` timed runs,
 interleaved across engines.
 
-On CPU our sampler runs the fp32 linears through oneDNN with weights packed once per `generate` call
-(`minirlhf.generation.sampler.PACK_CPU_LINEARS`; packing is inside the timed call). `ours_plain_*` times the
-same sampler with that switched off (stock `F.linear`, as HF uses), so the two effects can be told apart;
-`--no-plain` skips it.
+Each precision is compared like for like: `fp32` (both engines in float32) and `bf16` (ours samples from bf16
+copies of its weights, `generate(..., dtype=torch.bfloat16)`; HF runs the model cast to bfloat16). On CPU our
+decode step multiplies by fused q/k/v and gate/up matrices packed once per call for oneDNN
+(`minirlhf.generation.decode`; packing is inside the timed call); `--plain` also times ours with the packing
+switched off (stock `F.linear`, as HF uses), so the effects can be told apart.
 
-    python bench/generate.py [--preset mini --batch 16 --prompt-len 32 --new-tokens 128 --runs 3 --device cpu]
+    python bench/generate.py [--preset mini --batch 16 --prompt-len 32 --new-tokens 128 --runs 3 --dtype both]
 
 Prints one JSON object: tokens/s counts new tokens only (batch * new_tokens / seconds, prefill included).
 """
@@ -25,6 +26,7 @@ Prints one JSON object: tokens/s counts new tokens only (batch * new_tokens / se
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -33,7 +35,7 @@ import warnings
 
 import torch
 
-from minirlhf.generation import SamplingConfig, generate, sampler
+from minirlhf.generation import SamplingConfig, decode, generate
 from minirlhf.model import MiniMindLM, preset
 from minirlhf.model.hf_export import export_hf
 
@@ -71,7 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = leave torch's default")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-plain", action="store_true", help="skip timing our sampler without packed linears")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both",
+                        help="precision of both engines (both: the fp32 pair and the bf16 pair)")
+    parser.add_argument("--plain", action="store_true", help="also time our fp32 sampler without oneDNN packing")
     args = parser.parse_args(argv)
 
     import transformers
@@ -89,6 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(ours, tmp, eos_id=None, pad_id=0)
         hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval().to(args.device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if args.dtype != "both":
+        dtypes = {args.dtype: dtypes[args.dtype]}
+    hf_models = {name: hf if dtype == torch.float32 else copy.deepcopy(hf).to(dtype) for name, dtype in dtypes.items()}
 
     g = torch.Generator().manual_seed(args.seed + 1)
     prompt_ids = torch.randint(0, config.vocab_size, (args.batch, args.prompt_len), generator=g)
@@ -97,35 +105,37 @@ def main(argv: list[str] | None = None) -> dict:
     hf_mask = torch.ones_like(hf_ids)
     sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=args.temperature, top_k=args.top_k)
 
-    def run_ours():
-        rollout = generate(ours, prompts, sampling, eos_id=-1, pad_id=0,
+    def run_ours(dtype: torch.dtype) -> None:
+        rollout = generate(ours, prompts, sampling, eos_id=-1, pad_id=0, dtype=dtype,
                            generator=torch.Generator(device=args.device).manual_seed(args.seed))
         assert rollout.completion_ids.shape == (args.batch, args.new_tokens), rollout.completion_ids.shape
         assert bool(rollout.completion_mask.all())
 
-    def run_hf():
+    def run_hf(model) -> None:
         with torch.no_grad():
-            out = hf.generate(
+            out = model.generate(
                 input_ids=hf_ids, attention_mask=hf_mask, do_sample=True, temperature=args.temperature,
                 top_k=args.top_k, top_p=1.0, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                 eos_token_id=None, pad_token_id=0,
             )
         assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
 
-    def run_ours_plain():
-        sampler.PACK_CPU_LINEARS = False
+    def run_ours_plain() -> None:
+        decode.PACK_CPU_LINEARS = False
         try:
-            run_ours()
+            run_ours(torch.float32)
         finally:
-            sampler.PACK_CPU_LINEARS = True
+            decode.PACK_CPU_LINEARS = True
 
-    engines = {"ours": run_ours, "hf": run_hf}
-    if not args.no_plain:
-        engines["ours_plain"] = run_ours_plain
+    engines = {}
+    for name, dtype in dtypes.items():
+        engines[f"ours_{name}"] = lambda dtype=dtype: run_ours(dtype)
+        engines[f"hf_{name}"] = lambda name=name: run_hf(hf_models[name])
+    if args.plain:
+        engines["ours_plain_fp32"] = run_ours_plain
     times = _time_interleaved(engines, args.runs, args.device)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     new_tokens = args.batch * args.new_tokens
-    plain_s = seconds.get("ours_plain")
     result = {
         "device": args.device,
         "threads": torch.get_num_threads(),
@@ -138,14 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
         "temperature": args.temperature,
         "runs": args.runs,
         "seconds": {name: [round(x, 3) for x in t] for name, t in times.items()},
-        "ours_tokens_per_s": round(new_tokens / seconds["ours"], 1),
-        "hf_tokens_per_s": round(new_tokens / seconds["hf"], 1),
-        "speedup": round(seconds["hf"] / seconds["ours"], 2),
-        "ours_plain_tokens_per_s": plain_s and round(new_tokens / plain_s, 1),
-        "speedup_plain": plain_s and round(seconds["hf"] / plain_s, 2),
+        "tokens_per_s": {name: round(new_tokens / s, 1) for name, s in seconds.items()},
+        "speedup": {name: round(seconds[f"hf_{name}"] / seconds[f"ours_{name}"], 2) for name in dtypes},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+    if args.plain:
+        result["speedup"]["fp32_plain"] = round(seconds["hf_fp32"] / seconds["ours_plain_fp32"], 2)
     print(json.dumps(result, indent=2))
     return result
 

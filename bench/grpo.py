@@ -15,7 +15,8 @@ num_iterations 1). A step therefore includes generation, reward scoring, the ref
 one update per rollout), the policy forward/backward and the AdamW step. Equal settings: β, temperature
 (no top-k / top-p), ε = 0.2 clipping, loss aggregation `grpo` (TRL's default is `dapo`), group-scaled
 advantages, learning rate, AdamW (`torch.optim.AdamW`, betas 0.9/0.95: TRL's `optim` set to `adamw_torch`),
-clipping at 1.0, fp32 (TRL's bf16 default off), no gradient checkpointing (TRL's default on, turned off).
+clipping at 1.0, fp32 (TRL's bf16 default off; `--bf16` puts both in bf16: TRL's `bf16=True`, our `bf16=true`
+autocast plus `rollout_precision=bf16`), no gradient checkpointing (TRL's default on, turned off).
 
 The reward is answer correctness: ours is `build_reward("answer:1")` (`AnswerReward`), TRL gets a Python
 function that calls the same `AnswerReward.score` on the completion text. With random weights it is ~0.
@@ -70,12 +71,12 @@ def seconds_per_step(step_ends: list[float], warmup: int) -> float:
 
 def run_ours(initial: MiniMindLM, tokenizer: Tokenizer, prompts: list[PromptExample], args, out_dir: Path) -> dict:
     cfg = GRPOConfig(out_dir=str(out_dir), steps=args.steps, batch_size=args.prompts * args.group, grad_accum=1,
-                     lr=args.lr, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, seed=args.seed,
+                     lr=args.lr, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.bf16, seed=args.seed,
                      device="cpu", progress=False, reward="answer:1", prompts_per_rollout=args.prompts,
                      epochs_per_rollout=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=0, top_p=1.0, kl_coef=args.beta, clip_eps_low=0.2, clip_eps_high=0.2,
                      group_size=args.group, scale_rewards="group", loss_type="grpo", advantage="grpo",
-                     share_prompts=not args.no_share_prompts)
+                     share_prompts=not args.no_share_prompts, rollout_precision="bf16" if args.bf16 else "fp32")
     # as `load_online` does: the policy, and a frozen reference loaded from the same weights (β > 0)
     policy = copy.deepcopy(initial).train()
     reference = copy.deepcopy(initial).eval().requires_grad_(False) if args.beta > 0 else None
@@ -127,7 +128,7 @@ def run_trl(model_dir: Path, tokenizer: Tokenizer, prompts: list[PromptExample],
         generation_kwargs=None if args.natural else {"min_new_tokens": args.max_new_tokens},
         beta=args.beta, epsilon=0.2, loss_type="grpo", scale_rewards="group", learning_rate=args.lr,
         lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, optim="adamw_torch", adam_beta1=0.9,
-        adam_beta2=0.95, max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, use_cpu=True, seed=args.seed,
+        adam_beta2=0.95, max_grad_norm=1.0, bf16=args.bf16, gradient_checkpointing=False, use_cpu=True, seed=args.seed,
         report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )
     trainer = GRPOTrainer(model=model, reward_funcs=answer, args=config, train_dataset=dataset,
@@ -156,6 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--no-share-prompts", action="store_true",
                         help="ours without the shared-prompt forward (each row re-runs its prompt, as TRL does)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="both in bf16: ours autocasts training and samples from bf16 weights (rollout_precision, "
+                             "with its importance correction), TRL gets bf16=True")
     add_shared_flags(parser)
     args = parser.parse_args(argv)
     resolve_size(args)
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "fixed_length": not args.natural,
         "ours_share_prompts": not args.no_share_prompts,
+        "bf16": args.bf16,
         "beta": args.beta,
         "temperature": args.temperature,
         "same_prompt_tokens": theirs[0]["prompt_ids"] == [tokenizer.encode_prompt(p.prompt) for p in prompts[:20]],

@@ -89,6 +89,22 @@ def test_grpo_accumulated_gradient_equals_the_whole_batch_gradient(options, make
     assert_accumulation_exact(algo, policy, with_advantages(algo))
 
 
+@pytest.mark.parametrize("correction", ["token", "sequence"])
+def test_rollout_correction_keeps_gradient_accumulation_exact(correction, make_model, tokenizer):
+    policy = make_model().train()
+    cfg = GRPOConfig(group_size=4, prompts_per_rollout=2, batch_size=ROWS, kl_coef=0.1, max_new_tokens=WIDTH,
+                     loss_type="dapo", rollout_precision="bf16", rollout_correction=correction,
+                     rollout_correction_cap=1.2)
+    algo = GRPO(policy, None, tokenizer, PROMPTS, None, [], cfg=cfg)
+    exp = with_advantages(algo)
+    noise = torch.rand(exp.old_logps.shape, generator=torch.Generator().manual_seed(5)) - 0.5
+    exp = exp.replace(sampler_logps=(exp.old_logps + noise) * exp.loss_mask)
+    assert_accumulation_exact(algo, policy, exp)
+    corrected, _ = algo.loss(exp)
+    uncorrected, _ = algo.loss(exp.replace(sampler_logps=None))
+    assert corrected.item() != pytest.approx(uncorrected.item(), abs=1e-4)  # the weights are applied
+
+
 @pytest.mark.parametrize("entropy_coef", [0.0, 0.05])
 def test_spo_accumulated_gradient_equals_the_whole_batch_gradient(entropy_coef, make_model, tokenizer):
     policy = make_model().train()

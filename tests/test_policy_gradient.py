@@ -28,6 +28,7 @@ from minirlhf.algorithms.policy_gradient import (
     masked_whiten,
     policy_gradient_loss,
     rloo_advantages,
+    rollout_correction_weights,
     sapo_surrogate,
     vespo_surrogate,
 )
@@ -421,6 +422,31 @@ def test_clip_loss_with_kl_by_hand(aggregation):
     assert clipped.shape == (3, 4)
 
 
+def test_rollout_correction_weights_by_hand():
+    """min(π_old / π_sampler, cap) per token, or the sequence's product for all its tokens; masked tokens weigh 1."""
+    old = torch.log(t([[0.5, 0.2, 0.9, 0.3], [0.4, 0.4, 0.5, 0.5]]))
+    sampler = torch.log(t([[0.25, 0.4, 0.1, 0.9], [0.5, 0.8, 0.5, 0.5]]))
+    mask = t([[1, 1, 1, 0], [1, 1, 0, 0]])
+    token = rollout_correction_weights(old, sampler, mask, "token", cap=3.0)
+    torch.testing.assert_close(token, t([[2.0, 0.5, 3.0, 1.0], [0.8, 0.5, 1.0, 1.0]]))  # 9 truncated to 3
+    sequence = rollout_correction_weights(old, sampler, mask, "sequence", cap=3.0)
+    torch.testing.assert_close(sequence, t([[3.0] * 4, [0.4] * 4]))  # 2 x 0.5 x 9 = 9 -> 3; 0.8 x 0.5
+    assert not rollout_correction_weights(old.requires_grad_(), sampler, mask, "token", 3.0).requires_grad
+
+
+def test_rollout_weights_scale_the_surrogate_and_not_the_kl():
+    g = torch.Generator().manual_seed(9)
+    logps, old = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    adv, mask, kl = torch.randn(2, 3, generator=g), torch.ones(2, 3), torch.rand(2, 3, generator=g)
+    weights = torch.rand(2, 3, generator=g) * 2
+    spec = PolicyLoss(aggregation="token_mean")
+    plain, _ = policy_gradient_loss(logps, old, adv, mask, spec)
+    per_token = -torch.minimum(torch.exp(logps - old) * adv, torch.exp(logps - old).clamp(0.8, 1.2) * adv)
+    weighted, _ = policy_gradient_loss(logps, old, adv, mask, spec, kl, 0.1, rollout_weights=weights)
+    assert plain.item() == pytest.approx(per_token.mean().item(), abs=1e-6)
+    assert weighted.item() == pytest.approx((per_token * weights + 0.1 * kl).mean().item(), abs=1e-6)
+
+
 def test_policy_loss_without_kl_coef_ignores_the_kl():
     g = torch.Generator().manual_seed(8)
     logps, old = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
@@ -602,21 +628,26 @@ def test_adaptive_entropy_control_by_hand():
 # Parity with TRL
 
 
-@pytest.mark.parametrize("loss_type, level, delta, kl_correction, entropy_share", [
-    ("grpo", "token", None, False, 1.0), ("bnpo", "token", None, False, 1.0), ("dapo", "token", None, False, 1.0),
-    ("dr_grpo", "token", None, False, 1.0), ("cispo", "token", None, False, 1.0), ("sapo", "token", None, False, 1.0),
-    ("luspo", "sequence", None, False, 1.0), ("vespo", "token", None, False, 1.0),
-    ("grpo", "sequence", None, False, 1.0),  # GSPO, TRL's spelling
-    ("dapo", "token", 1.5, False, 1.0),  # two-sided clipping
-    ("grpo", "token", None, True, 1.0), ("grpo", "sequence", None, True, 1.0),  # the KL weighted by the ratio
-    ("dapo", "token", None, False, 0.5),  # only the high-entropy half of the tokens
+@pytest.mark.parametrize("loss_type, level, delta, kl_correction, entropy_share, rollout_correction", [
+    ("grpo", "token", None, False, 1.0, None), ("bnpo", "token", None, False, 1.0, None),
+    ("dapo", "token", None, False, 1.0, None), ("dr_grpo", "token", None, False, 1.0, None),
+    ("cispo", "token", None, False, 1.0, None), ("sapo", "token", None, False, 1.0, None),
+    ("luspo", "sequence", None, False, 1.0, None), ("vespo", "token", None, False, 1.0, None),
+    ("grpo", "sequence", None, False, 1.0, None),  # GSPO, TRL's spelling
+    ("dapo", "token", 1.5, False, 1.0, None),  # two-sided clipping
+    ("grpo", "token", None, True, 1.0, None), ("grpo", "sequence", None, True, 1.0, None),  # KL weighted by ρ
+    ("dapo", "token", None, False, 0.5, None),  # only the high-entropy half of the tokens
+    # a bf16 sampler's rollout: truncated importance sampling (TRL's vllm_importance_sampling_correction)
+    ("grpo", "token", None, False, 1.0, "token"), ("dapo", "token", None, False, 1.0, "sequence"),
 ])
-def test_policy_loss_matches_trl_grpo_trainer(loss_type, level, delta, kl_correction, entropy_share, tokenizer,
-                                              tmp_path):
+def test_policy_loss_matches_trl_grpo_trainer(loss_type, level, delta, kl_correction, entropy_share,
+                                              rollout_correction, tokenizer, tmp_path):
     """Our `policy_gradient_loss` (with the preset `loss_type` sets, and the log-prob helper) vs TRL 1.16's
     `GRPOTrainer._compute_loss` on the same tiny HF Llama, batch, advantages, old and reference log-probs:
     loss and every parameter's gradient agree to 1e-6. Prompts share a length (TRL left-pads them without
-    position ids); completions are right-padded to different lengths. One micro-batch, one process."""
+    position ids); completions are right-padded to different lengths. One micro-batch, one process. With a
+    rollout correction, TRL gets the truncated ratio its `_generate_and_score_completions` forms (token_truncate /
+    sequence_truncate) from the same sampler log-probs."""
     pytest.importorskip("trl")
     from datasets import Dataset
     from tokenizers import Tokenizer as HFTokenizer
@@ -661,8 +692,14 @@ def test_policy_loss_matches_trl_grpo_trainer(loss_type, level, delta, kl_correc
     pad = torch.zeros(rows, prompt_len - 1)
     old_full, ref_full = torch.cat([pad, old], 1) * mask, torch.cat([pad, ref], 1) * mask
     kl = kl_estimate(logps, ref_full, "k3")
+    sampler = old + (torch.rand(rows, completion_len, generator=g) - 0.5) * 0.8  # the sampler's log-probs
+    cap = 1.3  # some ratios above it, some below
+    weights = None
+    if rollout_correction:
+        weights = rollout_correction_weights(old_full, torch.cat([pad, sampler], 1) * mask, mask, rollout_correction,
+                                             cap)
     ours, _ = policy_gradient_loss(logps, old_full, advantages[:, None] * mask, mask, policy_loss_spec(cfg), kl, beta,
-                                   max_len, forking)
+                                   max_len, forking, weights)
     ours.backward()
     our_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
@@ -677,10 +714,16 @@ def test_policy_loss_matches_trl_grpo_trainer(loss_type, level, delta, kl_correc
                           train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}), processing_class=hf_tokenizer)
     trainer.beta = beta  # set after construction: with beta > 0 TRL would load a reference model from the Hub
     trainer.model.eval()  # one micro-batch: the eval branch divides by no accumulation count
-    theirs = trainer._compute_loss(trainer.model, {
-        "prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
-        "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
-        "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()})
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+              "completion_mask": completion_mask, "advantages": advantages, "old_per_token_logps": old,
+              "ref_per_token_logps": ref, "num_items_in_batch": completion_mask.sum()}
+    if rollout_correction:  # as TRL forms it from vLLM's log-probs, *_truncate modes
+        trainer.use_vllm, trainer.vllm_importance_sampling_correction = True, True
+        diff = (old - sampler) * completion_mask
+        if rollout_correction == "sequence":
+            diff = diff.sum(-1, keepdim=True)
+        inputs["importance_sampling_ratio"] = torch.clamp(torch.exp(diff), max=cap)
+    theirs = trainer._compute_loss(trainer.model, inputs)
     theirs.backward()
 
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-6)

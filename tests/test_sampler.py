@@ -202,7 +202,7 @@ def test_greedy_logprobs_recompute_with_temperature_zero(make_model):
     torch.testing.assert_close(logps[:, p - 1:], rollout.logprobs, atol=1e-5, rtol=0)
 
 
-def test_exponential_race_samples_the_categorical_and_ignores_how_rows_are_split():
+def test_inverse_cdf_samples_the_categorical_and_ignores_how_rows_are_split():
     from minirlhf.generation.sampler import sample_tokens
 
     probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).expand(20_000, 4)
@@ -212,3 +212,77 @@ def test_exponential_race_samples_the_categorical_and_ignores_how_rows_are_split
     whole = sample_tokens(batch, torch.Generator().manual_seed(2))
     halves = [sample_tokens(batch[i:i + 3], torch.Generator().manual_seed(2), rows=(i, 6)) for i in (0, 3)]
     assert torch.equal(torch.cat(halves), whole)
+
+
+def test_inverse_cdf_never_returns_a_token_without_mass_when_u_times_mass_rounds_up(monkeypatch):
+    from minirlhf.generation import sampler
+
+    monkeypatch.setattr(sampler.torch, "rand", lambda shape, **kw: torch.ones(shape))  # u = 1: past the mass
+    probs = torch.tensor([[0.0, 0.3, 0.7, 0.0, 0.0], [0.2, 0.0, 0.0, 0.0, 0.8]])
+    assert sampler.sample_tokens(probs, None).tolist() == [2, 4]
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_step_equals_the_model_forward_with_the_same_cache(make_model, padded):
+    """The sampler's fused, packed decode step (q/k/v and gate/up as one matrix each, attention as two products)
+    gives the model's own next-token logits and fills the cache with the same keys/values."""
+    from minirlhf.generation import decode
+
+    model = make_model(seed=3)
+    prompts = PROMPTS if padded else [p[:3] for p in PROMPTS]
+    ids, mask = left_pad(prompts, PAD)
+    batch, width = ids.shape
+    caches = [model.new_cache(batch, width + 4) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
+    weights = decode.DecodeWeights(model, batch)
+    full_mask = torch.cat([mask, torch.ones(batch, 4, dtype=mask.dtype)], 1)
+    key_bias = torch.zeros(full_mask.shape).masked_fill(full_mask == 0, float("-inf"))
+    positions = mask.sum(1) - 1
+    token = torch.tensor([21, 22, 23])
+    for t in range(3):
+        positions = positions + 1
+        with torch.no_grad():
+            expected = model(token[:, None], attention_mask=full_mask[:, :width + t + 1],
+                             position_ids=positions[:, None], cache=caches[0], logits_to_keep=1).logits[:, -1]
+        got = decode.decode_step(weights, token, positions, caches[1], key_bias)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        token = got.argmax(-1)
+    assert caches[1].length == caches[0].length
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_native_models_decode_through_the_fused_step_and_others_through_their_forward(make_model, monkeypatch):
+    from minirlhf.generation import decode
+
+    model = make_model(seed=4)
+    calls = []
+    real_step = decode.decode_step
+    monkeypatch.setattr(decode, "decode_step", lambda *a: calls.append(1) or real_step(*a))
+    fused = sample(model, max_new_tokens=5, temperature=0.0)
+    assert len(calls) == 4  # every step after the prefill
+    plain = sample(EosBias(model, 0.0), max_new_tokens=5, temperature=0.0)  # a wrapper: its own forward
+    assert len(calls) == 4
+    assert torch.equal(fused.completion_ids, plain.completion_ids)
+    torch.testing.assert_close(fused.logprobs, plain.logprobs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["fused-step", "model-forward"])
+def test_bf16_sampler_logprobs_are_its_own_and_close_to_the_fp32_trainers(make_model, wrapped):
+    """The fused decode step (native model) multiplies by bf16 copies of the weights; a wrapped model decodes
+    through its forward under autocast. Either way the returned log-probs are not the fp32 ones, but close."""
+    model = make_model(seed=5)
+    sampler = EosBias(model, 0.0) if wrapped else model
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    rollout = generate(sampler, PROMPTS + [[20, 21]], sampling, EOS, PAD, torch.Generator().manual_seed(0),
+                       dtype=torch.bfloat16)
+    with torch.no_grad():
+        trainer, _ = completion_logprobs(model, rollout.input_ids, rollout.attention_mask,
+                                            rollout.full_completion_mask)
+    p = rollout.prompt_ids.shape[1]
+    gap = (trainer[:, p - 1:] - rollout.logprobs)[rollout.completion_mask.bool()]
+    assert gap.abs().max() > 0  # bf16 numerics, not the trainer's
+    assert gap.abs().mean() < 0.02 and gap.abs().max() < 0.2
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model itself is untouched

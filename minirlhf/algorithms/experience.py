@@ -34,6 +34,8 @@ class Experience:
     ref_logps: Tensor | None = None     # (rows, T-1) log π_ref; None without a KL term
     reward_parts: Tensor | None = None  # (rows, reward functions) unweighted scores, for multi-reward advantages
     advantages: Tensor | None = None    # (rows, T-1) the method's per-token advantage
+    sampler_logps: Tensor | None = None  # (rows, T-1) log π_sampler of the sampled tokens (a bf16 sampler's); None:
+    #                                      the sampler was the fp32 policy itself
     prompt_width: int = 0  # P: the prompt columns every row has (left-padded); 0 = not known
     stats: dict[str, float] = dataclasses.field(default_factory=dict)  # the rollout's metrics
 

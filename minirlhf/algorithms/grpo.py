@@ -112,6 +112,9 @@ def policy_loss_spec(cfg: GRPOConfig) -> PolicyLoss:
     if spec.surrogate == "vespo" and spec.importance_sampling_level == "sequence":
         raise ConfigError("surrogate=vespo forms its own sequence weight from the token ratios; leave "
                           "importance_sampling_level at token")
+    if spec.surrogate == "vespo" and cfg.rollout_precision != "fp32" and cfg.rollout_correction != "off":
+        raise ConfigError("surrogate=vespo: rollout_correction is not applied to VESPO's sequence weight; set "
+                          "rollout_correction=off or rollout_precision=fp32")
     return spec
 
 
@@ -181,7 +184,8 @@ class GRPO(OnlineRL):
         if cfg.top_entropy_quantile < 1:  # per micro-batch (as TRL): not exact under gradient accumulation
             forking = high_entropy_mask(terms["entropy"], terms["mask"], cfg.top_entropy_quantile)
         loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch.advantages, terms["mask"],
-                                             self.loss_spec, kl_in_loss, cfg.kl_coef, cfg.max_new_tokens, forking)
+                                             self.loss_spec, kl_in_loss, cfg.kl_coef, cfg.max_new_tokens, forking,
+                                             terms.get("rollout_weights"))
         if self.entropy_bonus.applied > 0:  # averaged like the policy loss, so gradient accumulation stays exact
             entropy = aggregate(terms["entropy"], terms["mask"], self.loss_spec.aggregation, cfg.max_new_tokens)
             loss = loss - self.entropy_bonus.applied * entropy

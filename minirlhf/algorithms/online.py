@@ -40,7 +40,7 @@ from ..train.loop import Algorithm, TrainConfig
 from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
 from .experience import Experience
-from .policy_gradient import adaptive_entropy_coef, kl_estimate
+from .policy_gradient import adaptive_entropy_coef, kl_estimate, rollout_correction_weights
 
 
 @dataclass
@@ -83,6 +83,10 @@ class OnlineConfig(ReferenceSyncConfig, TrainConfig):
     share_prompts: bool = field(True, "train on each prompt once per group: completions of one prompt attend to its "
                                       "keys/values, computed once (native dense models; exact, only faster)")
     max_new_tokens_eval: int = field(48, "generation budget for held-out accuracy", min=1)
+    rollout_precision: Literal["fp32", "bf16"] = field(
+        "fp32", "the native sampler's weight matrices: bf16 reads half the bytes per token (faster where the "
+                "hardware has bf16) and samples from a slightly different distribution than the fp32 trainer's; "
+                "policy-gradient methods correct for it (rollout_correction), `sampler_kl` logs the gap")
     generation_backend: Literal["native", "vllm"] = field(
         "native", "rollouts from our KV-cache sampler, or from vLLM (CUDA + `pip install vllm`), weights synced")
     vllm_gpu_memory: float = field(0.3, "share of GPU memory vLLM may take for weights and KV cache", gt=0)
@@ -111,6 +115,11 @@ class PolicyGradientConfig(OnlineConfig):
     entropy_coef_delta: float = field(0.005, "adaptive entropy control: the coefficient's step", min=0)
     entropy_coef_min: float = field(0.0, "adaptive entropy control: the coefficient's floor", min=0)
     entropy_coef_max: float = field(1.0, "adaptive entropy control: the coefficient's ceiling", min=0)
+    rollout_correction: Literal["token", "sequence", "off"] = field(
+        "token", "with rollout_precision=bf16: truncated importance sampling, each token's policy loss weighted by "
+                 "min(π_train / π_sampler, cap) per token or with its sequence's product (TRL's "
+                 "vllm_importance_sampling_correction, *_truncate)")
+    rollout_correction_cap: float = field(3.0, "the truncation cap of rollout_correction's weight", gt=0)
 
     def needs_reference(self) -> bool:
         return self.kl_coef > 0
@@ -190,6 +199,7 @@ class OnlineRL(Algorithm):
         self.prompt_ids = [self._encode(p) for p in prompts]
         self.prompt_order = ExampleOrder(len(prompts), cfg.seed)
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
+        self.rollout_dtype = torch.bfloat16 if cfg.rollout_precision == "bf16" else torch.float32
         rollout_size = cfg.prompts_per_rollout * (self.rows_per_prompt or self.samples_per_prompt)
         world = distributed.world_size()
         mini_batch = cfg.batch_size * cfg.grad_accum * world
@@ -255,7 +265,8 @@ class OnlineRL(Algorithm):
         else:
             generator = torch.Generator(device=self.device).manual_seed(noise_seed)
             out = generate(self.policy, [self.prompt_ids[i] for i in rows], self.sampling, self.tokenizer.eos_id,
-                           self.tokenizer.pad_id, generator, rows=(offset, len(all_rows)), prompt_width=width)
+                           self.tokenizer.pad_id, generator, rows=(offset, len(all_rows)), prompt_width=width,
+                           dtype=self.rollout_dtype)
         texts = self.tokenizer.batch_decode(out.completions())
         rewards, parts, reports = self.score([self.prompts[i] for i in rows], texts)
         rewards = rewards.float().to(self.device)
@@ -273,6 +284,9 @@ class OnlineRL(Algorithm):
         exp = Experience(out.input_ids, out.attention_mask, completion_mask, rewards, lengths.float(),
                          truncated.float(), torch.as_tensor(rows, device=self.device),
                          prompt_width=out.prompt_ids.shape[1])
+        if self.rollout_dtype != torch.float32:  # the sampler's own log-probs, aligned with the trainer's
+            exp.sampler_logps = torch.zeros(completion_mask[:, 1:].shape, device=self.device)
+            exp.sampler_logps[:, exp.prompt_width - 1:] = out.logprobs
         if parts:  # (rows, rewards): what a multi-reward advantage (GDPO) normalises one by one
             exp.reward_parts = torch.stack(list(parts.values()), 1).nan_to_num(0.0).to(self.device)
         if self.updates_per_rollout > 1 or self.needs_old_logps:
@@ -340,12 +354,20 @@ class OnlineRL(Algorithm):
 
     def policy_terms(self, batch: Experience, entropy_grad: bool = False) -> dict[str, torch.Tensor]:
         """Current log-probs, old log-probs (detached current ones when π_old = π), mask, entropy (with its
-        gradient if `entropy_grad`), KL."""
+        gradient if `entropy_grad`), KL; for a bf16 sampler's rollout, `sampler_kl` per token and (policy-gradient
+        methods, rollout_correction on) the truncated importance weights `rollout_weights`."""
         logps, mask, entropy = self._logprobs(self.policy, batch, with_entropy=True, entropy_grad=entropy_grad)
-        terms = {"logps": logps, "mask": mask, "entropy": entropy,
-                 "old_logps": batch.old_logps if batch.old_logps is not None else logps.detach()}
+        old_logps = batch.old_logps if batch.old_logps is not None else logps.detach()
+        terms = {"logps": logps, "mask": mask, "entropy": entropy, "old_logps": old_logps}
         if batch.ref_logps is not None:
             terms["kl"] = kl_estimate(logps, batch.ref_logps, "k3")
+        if batch.sampler_logps is not None:
+            # KL(π_sampler || π_old) per sampled token (k3 with lr = log π_old - log π_sampler): the mismatch
+            terms["sampler_kl"] = kl_estimate(batch.sampler_logps, old_logps, "k3")
+            correction = getattr(self.cfg, "rollout_correction", "off")  # policy-gradient configs have it
+            if correction != "off":
+                terms["rollout_weights"] = rollout_correction_weights(old_logps, batch.sampler_logps, mask,
+                                                                      correction, self.cfg.rollout_correction_cap)
         return terms
 
     def common_metrics(self, batch: Experience, terms: dict[str, torch.Tensor], clipped: torch.Tensor | None
@@ -361,6 +383,10 @@ class OnlineRL(Algorithm):
             metrics["clip_ratio"] = float(masked_mean(clipped, mask))
         if "kl" in terms:
             metrics["kl"] = float(masked_mean(terms["kl"].detach(), mask))
+        if "sampler_kl" in terms:
+            metrics["sampler_kl"] = float(masked_mean(terms["sampler_kl"], mask))
+        if "rollout_weights" in terms:
+            metrics["rollout_weight"] = float(masked_mean(terms["rollout_weights"], mask))
         return metrics
 
     def evaluate(self, final: bool = True) -> dict[str, float]:

@@ -61,6 +61,19 @@ def importance_log_ratio(logps: torch.Tensor, old_logps: torch.Tensor, mask: tor
     return ((log_ratio * mask).sum(1) / mask.sum(1).clamp(min=1)).unsqueeze(1)
 
 
+def rollout_correction_weights(old_logps: torch.Tensor, sampler_logps: torch.Tensor, mask: torch.Tensor,
+                               level: RatioLevel, cap: float) -> torch.Tensor:
+    """Truncated importance sampling (TIS; Yao et al., 2025, "Your efficient RL framework secretly brings you
+    off-policy RL training"; TRL's `vllm_importance_sampling_correction`, *_truncate modes): the rollout's tokens
+    were drawn by a sampler whose numerics differ from the trainer's (bf16 weights), π_s instead of π_old, so each
+    token's policy loss is weighted by min(π_old / π_s, cap), per token or with the sequence's product of ratios
+    for every token of it. Detached (a constant of the rollout); 1 where mask is 0 (token level)."""
+    log_ratio = ((old_logps - sampler_logps) * mask).detach()
+    if level == "sequence":
+        log_ratio = log_ratio.sum(1, keepdim=True).expand_as(mask)
+    return torch.exp(log_ratio.clamp(max=math.log(cap)))
+
+
 def clip_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, eps_low: float, eps_high: float,
                    delta: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's per-token loss -min(ρA, clip(ρ, 1-ε_low, 1+ε_high)A) (Schulman et al., 2017; a separate ε_high is
@@ -154,12 +167,13 @@ def high_entropy_mask(entropy: torch.Tensor, mask: torch.Tensor, share: float) -
 
 def policy_gradient_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                          spec: PolicyLoss, kl: torch.Tensor | None = None, kl_coef: float = 0.0,
-                         max_len: int | None = None, policy_mask: torch.Tensor | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+                         max_len: int | None = None, policy_mask: torch.Tensor | None = None,
+                         rollout_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`spec`'s surrogate per token, plus kl_coef · kl (times ρ with `kl_bias_correction`: samples come from π_old,
     so the KL to the reference needs the importance weight too, DeepSeek-V3.2, 2025), aggregated by
     `spec.aggregation` over `mask`. `policy_mask` (e.g. `high_entropy_mask`) keeps the surrogate on some tokens
-    only; the KL term and the average still cover all of `mask`, as in TRL.
+    only; the KL term and the average still cover all of `mask`, as in TRL. `rollout_weights`
+    (`rollout_correction_weights`) multiply the surrogate per token, before the KL term is added (as TRL).
     Returns (loss, per-token 0/1 where the ratio was clipped or the weight capped)."""
     log_ratio = importance_log_ratio(logps, old_logps, mask, spec.importance_sampling_level)
     if spec.surrogate == "clip":
@@ -177,6 +191,8 @@ def policy_gradient_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantage
         raise ValueError(f"unknown surrogate {spec.surrogate!r}")
     if policy_mask is not None:
         per_token = per_token * policy_mask
+    if rollout_weights is not None:
+        per_token = per_token * rollout_weights
     if kl is not None and kl_coef > 0:
         per_token = per_token + kl_coef * (kl * torch.exp(log_ratio) if spec.kl_bias_correction else kl)
     return aggregate(per_token, mask, spec.aggregation, max_len), clipped.expand_as(logps)

@@ -114,6 +114,8 @@ class PPO(OnlineRL):
         terms = self.policy_terms(batch, entropy_grad=self.entropy_bonus.trains_entropy)
         per_token, clipped = clip_surrogate(terms["logps"] - terms["old_logps"], batch.advantages,
                                             cfg.clip_eps_low, cfg.clip_eps_high, cfg.clip_delta)
+        if "rollout_weights" in terms:  # a bf16 sampler's rollout (truncated importance sampling)
+            per_token = per_token * terms["rollout_weights"]
         if self.entropy_bonus.applied > 0:
             per_token = per_token - self.entropy_bonus.applied * terms["entropy"]
         policy_loss = aggregate(per_token, terms["mask"], "token_mean")

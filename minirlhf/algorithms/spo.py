@@ -111,7 +111,8 @@ class SPO(OnlineRL):
         spec = PolicyLoss(aggregation="sequence_mean", eps_low=cfg.clip_eps_low, eps_high=cfg.clip_eps_high,
                           clip_delta=cfg.clip_delta)
         loss, clipped = policy_gradient_loss(terms["logps"], terms["old_logps"], batch.advantages, terms["mask"],
-                                             spec, terms.get("kl"), cfg.kl_coef)
+                                             spec, terms.get("kl"), cfg.kl_coef,
+                                             rollout_weights=terms.get("rollout_weights"))
         if self.entropy_bonus.applied > 0:
             loss = loss - self.entropy_bonus.applied * aggregate(terms["entropy"], terms["mask"], "sequence_mean")
         return loss, self.common_metrics(batch, terms, clipped)

@@ -1,0 +1,53 @@
+"""Rollouts from bf16 weights (`rollout_precision=bf16`): the rollout records the sampler's log-probs aligned with
+the trainer's, the policy-gradient loss is corrected with truncated importance weights and logs the mismatch as
+`sampler_kl`. (Elsewhere: the bf16 sampler in test_sampler.py, the weights' formula and TRL parity in
+test_policy_gradient.py, exact gradient accumulation in test_grad_accum.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minirlhf.algorithms.grpo import GRPO, GRPOConfig
+from minirlhf.config import ConfigError, build_config
+from minirlhf.data.formats import PromptExample
+from minirlhf.model import load_policy
+from minirlhf.tokenizer import Tokenizer
+
+
+def _grpo(start_model_dir, **values) -> GRPO:
+    class Constant:
+        def score(self, prompts, completions, meta):
+            return torch.tensor([float(i % 2) for i in range(len(completions))])
+
+    cfg = build_config(GRPOConfig, {"model": str(start_model_dir), "data": "unused", "group_size": 4,
+                                    "prompts_per_rollout": 2, "batch_size": 8, "max_new_tokens": 6, "beta": 0.0,
+                                    "device": "cpu", "seed": 0, **values}, where="grpo")
+    prompts = [PromptExample([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(2)]
+    return GRPO(load_policy(start_model_dir), None, Tokenizer.load(start_model_dir), prompts, Constant(), [],
+                cfg=cfg)
+
+
+def test_a_bf16_rollout_records_the_samplers_logprobs_and_the_loss_logs_the_gap(start_model_dir):
+    fp32 = _grpo(start_model_dir).make_experience(0)
+    assert fp32.sampler_logps is None
+    algo = _grpo(start_model_dir, rollout_precision="bf16")
+    exp = algo.make_experience(0)
+    mask = exp.loss_mask
+    assert exp.sampler_logps.shape == mask.shape
+    assert bool((exp.sampler_logps[mask == 0] == 0).all()) and bool((exp.sampler_logps[mask > 0] < 0).all())
+    loss, metrics = algo.loss(exp)
+    assert torch.isfinite(loss)
+    assert 0 < metrics["sampler_kl"] < 0.01
+    assert metrics["rollout_weight"] == pytest.approx(1.0, abs=0.05)
+    off = _grpo(start_model_dir, rollout_precision="bf16", rollout_correction="off")
+    _, off_metrics = off.loss(exp)
+    assert "rollout_weight" not in off_metrics and off_metrics["sampler_kl"] == metrics["sampler_kl"]
+
+
+def test_vespo_refuses_a_rollout_correction_it_would_not_apply():
+    from minirlhf.algorithms.grpo import policy_loss_spec
+
+    with pytest.raises(ConfigError, match="rollout_correction"):
+        policy_loss_spec(GRPOConfig(loss_type="vespo", rollout_precision="bf16"))
+    policy_loss_spec(GRPOConfig(loss_type="vespo", rollout_precision="bf16", rollout_correction="off"))
