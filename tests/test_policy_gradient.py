@@ -639,6 +639,7 @@ def test_adaptive_entropy_control_by_hand():
     ("dapo", "token", None, False, 0.5, None),  # only the high-entropy half of the tokens
     # a bf16 sampler's rollout: truncated importance sampling (TRL's vllm_importance_sampling_correction)
     ("grpo", "token", None, False, 1.0, "token"), ("dapo", "token", None, False, 1.0, "sequence"),
+    ("vespo", "token", None, False, 1.0, "token"),  # inside VESPO's sequence weight
 ])
 def test_policy_loss_matches_trl_grpo_trainer(loss_type, level, delta, kl_correction, entropy_share,
                                               rollout_correction, tokenizer, tmp_path):

@@ -29,7 +29,7 @@ def _grpo(start_model_dir, **values) -> GRPO:
 
 
 def test_a_bf16_rollout_records_the_samplers_logprobs_and_the_loss_logs_the_gap(start_model_dir):
-    fp32 = _grpo(start_model_dir).make_experience(0)
+    fp32 = _grpo(start_model_dir, rollout_precision="fp32").make_experience(0)
     assert fp32.sampler_logps is None
     algo = _grpo(start_model_dir, rollout_precision="bf16")
     exp = algo.make_experience(0)
@@ -45,9 +45,18 @@ def test_a_bf16_rollout_records_the_samplers_logprobs_and_the_loss_logs_the_gap(
     assert "rollout_weight" not in off_metrics and off_metrics["sampler_kl"] == metrics["sampler_kl"]
 
 
-def test_vespo_refuses_a_rollout_correction_it_would_not_apply():
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_samples_in_bf16_only_where_the_hardware_has_it(native, start_model_dir, monkeypatch):
+    from minirlhf.generation import decode
+
+    monkeypatch.setattr(decode, "has_native_bf16", lambda device_type: native)
+    algo = _grpo(start_model_dir)  # rollout_precision: auto
+    assert algo.rollout_dtype == (torch.bfloat16 if native else torch.float32)
+
+
+def test_vespo_takes_token_level_rollout_weights_only():
     from minirlhf.algorithms.grpo import policy_loss_spec
 
-    with pytest.raises(ConfigError, match="rollout_correction"):
-        policy_loss_spec(GRPOConfig(loss_type="vespo", rollout_precision="bf16"))
-    policy_loss_spec(GRPOConfig(loss_type="vespo", rollout_precision="bf16", rollout_correction="off"))
+    with pytest.raises(ConfigError, match="rollout_correction=token"):
+        policy_loss_spec(GRPOConfig(loss_type="vespo", rollout_correction="sequence"))
+    policy_loss_spec(GRPOConfig(loss_type="vespo", rollout_correction="token"))

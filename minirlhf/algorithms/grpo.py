@@ -112,9 +112,9 @@ def policy_loss_spec(cfg: GRPOConfig) -> PolicyLoss:
     if spec.surrogate == "vespo" and spec.importance_sampling_level == "sequence":
         raise ConfigError("surrogate=vespo forms its own sequence weight from the token ratios; leave "
                           "importance_sampling_level at token")
-    if spec.surrogate == "vespo" and cfg.rollout_precision != "fp32" and cfg.rollout_correction != "off":
-        raise ConfigError("surrogate=vespo: rollout_correction is not applied to VESPO's sequence weight; set "
-                          "rollout_correction=off or rollout_precision=fp32")
+    if spec.surrogate == "vespo" and cfg.rollout_correction == "sequence":
+        raise ConfigError("surrogate=vespo takes the rollout correction's token weights into its own sequence weight; "
+                          "use rollout_correction=token (or off)")
     return spec
 
 

@@ -28,7 +28,7 @@ from ..data.batching import ExampleOrder
 from ..data.formats import PromptExample, load_prompts
 from ..errors import SetupError
 from ..eval import task_metrics
-from ..generation import SamplingConfig, generate
+from ..generation import SamplingConfig, decode, generate
 from ..logprobs import completion_logprobs, masked_mean
 from ..model import frozen_reference, load_policy, load_scalar_model
 from ..rewards import RewardModelReward, WeightedSum, build_reward
@@ -83,10 +83,11 @@ class OnlineConfig(ReferenceSyncConfig, TrainConfig):
     share_prompts: bool = field(True, "train on each prompt once per group: completions of one prompt attend to its "
                                       "keys/values, computed once (native dense models; exact, only faster)")
     max_new_tokens_eval: int = field(48, "generation budget for held-out accuracy", min=1)
-    rollout_precision: Literal["fp32", "bf16"] = field(
-        "fp32", "the native sampler's weight matrices: bf16 reads half the bytes per token (faster where the "
-                "hardware has bf16) and samples from a slightly different distribution than the fp32 trainer's; "
-                "policy-gradient methods correct for it (rollout_correction), `sampler_kl` logs the gap")
+    rollout_precision: Literal["auto", "fp32", "bf16"] = field(
+        "auto", "the native sampler's weight matrices: bf16 reads half the bytes per token and samples from a "
+                "slightly different distribution than the fp32 trainer's (policy-gradient methods correct for it: "
+                "rollout_correction; `sampler_kl` logs the gap); auto = bf16 where the hardware has it (AVX512-BF16 "
+                "/ AMX CPUs, bf16 GPUs), else fp32")
     generation_backend: Literal["native", "vllm"] = field(
         "native", "rollouts from our KV-cache sampler, or from vLLM (CUDA + `pip install vllm`), weights synced")
     vllm_gpu_memory: float = field(0.3, "share of GPU memory vLLM may take for weights and KV cache", gt=0)
@@ -199,7 +200,9 @@ class OnlineRL(Algorithm):
         self.prompt_ids = [self._encode(p) for p in prompts]
         self.prompt_order = ExampleOrder(len(prompts), cfg.seed)
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-        self.rollout_dtype = torch.bfloat16 if cfg.rollout_precision == "bf16" else torch.float32
+        bf16 = cfg.rollout_precision == "bf16" or (cfg.rollout_precision == "auto"
+                                                   and decode.has_native_bf16(self.device.type))
+        self.rollout_dtype = torch.bfloat16 if bf16 else torch.float32
         rollout_size = cfg.prompts_per_rollout * (self.rows_per_prompt or self.samples_per_prompt)
         world = distributed.world_size()
         mini_batch = cfg.batch_size * cfg.grad_accum * world
@@ -289,10 +292,11 @@ class OnlineRL(Algorithm):
             exp.sampler_logps[:, exp.prompt_width - 1:] = out.logprobs
         if parts:  # (rows, rewards): what a multi-reward advantage (GDPO) normalises one by one
             exp.reward_parts = torch.stack(list(parts.values()), 1).nan_to_num(0.0).to(self.device)
-        if self.updates_per_rollout > 1 or self.needs_old_logps:
-            exp.old_logps = self._logprobs(self.policy, exp)[0]
-        if self.reference is not None:
-            exp.ref_logps = self._logprobs(self.reference, exp)[0]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):  # as the loss's forward
+            if self.updates_per_rollout > 1 or self.needs_old_logps:
+                exp.old_logps = self._logprobs(self.policy, exp)[0]
+            if self.reference is not None:
+                exp.ref_logps = self._logprobs(self.reference, exp)[0]
         stats = {"reward/nonfinite": nonfinite}
         for name, part in parts.items():
             stats[f"reward/{name}"] = float(part.mean())

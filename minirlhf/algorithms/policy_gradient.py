@@ -106,14 +106,19 @@ def sapo_surrogate(log_ratio: torch.Tensor, advantages: torch.Tensor, temperatur
 
 
 def vespo_surrogate(log_ratio: torch.Tensor, logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                    shape_pos: tuple[float, float], shape_neg: tuple[float, float]) -> torch.Tensor:
+                    shape_pos: tuple[float, float], shape_neg: tuple[float, float],
+                    rollout_weights: torch.Tensor | None = None) -> torch.Tensor:
     """VESPO's per-token loss -sg(φ(w)) · A · log π (Variational Sequence-level Soft Policy Optimization, 2026):
     w = Π_t ρ_t is the sequence's importance weight (its summed token log-ratios, clamped to [log 1e-8, 20]) and
     φ(w) = e^λ w^k e^{-λw} a Gamma-shaped weight with φ(1) = 1 (the plain policy gradient on-policy) that fades
     smoothly both for w -> 0 and for large w instead of clipping; (k, λ) = shape_pos where A >= 0, else
-    shape_neg. φ is computed in log space and detached."""
+    shape_neg. φ is computed in log space and detached. Token-level `rollout_weights` (π_old / π_sampler, truncated)
+    join w as factors, log w += Σ_t log weight_t (as TRL: VESPO's own importance weight absorbs the correction)."""
     with torch.no_grad():
-        log_w = torch.clamp((log_ratio.clamp(-20.0, 20.0) * mask).sum(1, keepdim=True), math.log(1e-8), 20.0)
+        log_w = (log_ratio.clamp(-20.0, 20.0) * mask).sum(1, keepdim=True)
+        if rollout_weights is not None:
+            log_w = log_w + (torch.log(rollout_weights).clamp(math.log(1e-8), 20.0) * mask).sum(1, keepdim=True)
+        log_w = torch.clamp(log_w, math.log(1e-8), 20.0)
         nonneg = advantages >= 0
         k = torch.where(nonneg, shape_pos[0], shape_neg[0])
         lam = torch.where(nonneg, shape_pos[1], shape_neg[1]).clamp(min=1e-4)
@@ -173,7 +178,8 @@ def policy_gradient_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantage
     so the KL to the reference needs the importance weight too, DeepSeek-V3.2, 2025), aggregated by
     `spec.aggregation` over `mask`. `policy_mask` (e.g. `high_entropy_mask`) keeps the surrogate on some tokens
     only; the KL term and the average still cover all of `mask`, as in TRL. `rollout_weights`
-    (`rollout_correction_weights`) multiply the surrogate per token, before the KL term is added (as TRL).
+    (`rollout_correction_weights`) multiply the surrogate per token, before the KL term is added (as TRL; VESPO
+    takes them into its sequence weight instead).
     Returns (loss, per-token 0/1 where the ratio was clipped or the weight capped)."""
     log_ratio = importance_log_ratio(logps, old_logps, mask, spec.importance_sampling_level)
     if spec.surrogate == "clip":
@@ -185,7 +191,8 @@ def policy_gradient_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantage
         clipped = torch.zeros_like(logps)
     elif spec.surrogate == "vespo":  # its sequence weight comes from the token log-ratios, whatever the level
         per_token = vespo_surrogate(logps - old_logps, logps, advantages, mask, spec.vespo_shape,
-                                    spec.vespo_shape_neg)
+                                    spec.vespo_shape_neg, rollout_weights)
+        rollout_weights = None  # already inside φ
         clipped = torch.zeros_like(logps)
     else:
         raise ValueError(f"unknown surrogate {spec.surrogate!r}")

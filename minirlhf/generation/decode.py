@@ -16,6 +16,8 @@ does. The checkpoint format and the model's own modules are untouched (the HF ex
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +33,21 @@ def can_pack_cpu_linears(weight: torch.Tensor) -> bool:
     return (PACK_CPU_LINEARS and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+@cache
+def has_native_bf16(device_type: str) -> bool:
+    """Whether the device multiplies bf16 in hardware: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX (read
+    from /proc/cpuinfo; elsewhere assumed not, since emulated bf16 is slower than fp32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class Linear:
