@@ -2,7 +2,11 @@
 process with batch_size 2B, sample the same rollouts, and a 2-process checkpoint resumes in 1 process.
 
 Measured on CPU: SFT and GRPO losses agree to ~1e-6 (different summation order in the gradient
-all-reduce); rewards are equal because every row draws the same sampling noise. Tolerance: 1e-5.
+all-reduce); rewards are equal because every row draws the same sampling noise. Tolerance: 1e-5, or 1e-4 of
+the value (a grad norm of ~2 after a few steps at lr 1e-2 carries that rounding: 2.5e-5 relative measured).
+The online runs sample in fp32 (`rollout_precision=fp32`): a bf16 sampler rounds each product to bf16, so the
+last-bit differences of another per-process batch size (oneDNN's blocking) can move a logit by a bf16 step and,
+rarely, a sampled token; the process split is then visible in the samples, which fp32 keeps to float rounding.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import pytest
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-ATOL = 1e-5
+ATOL, RTOL = 1e-5, 1e-4
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 
@@ -38,7 +42,7 @@ def trajectory(out_dir: Path, *keys: str) -> list[tuple[float, ...]]:
 def assert_same(a: list[tuple[float, ...]], b: list[tuple[float, ...]]) -> None:
     assert len(a) == len(b) and a
     for x, y in zip(a, b):
-        assert x == pytest.approx(y, abs=ATOL), (a, b)
+        assert x == pytest.approx(y, abs=ATOL, rel=RTOL), (a, b)
 
 
 def test_two_process_sft_equals_one_process_with_the_global_batch(tmp_path, start_model_dir, task_data):
@@ -54,7 +58,7 @@ def test_two_process_grpo_equals_one_process_and_its_checkpoint_resumes_in_one(t
     # A fresh scalar head on the start model is a reward model with varied scores: a real learning signal.
     common = {"model": start_model_dir, "data": task_data["rl"], "steps": 4, "prompts_per_rollout": 4,
               "group_size": 2, "max_new_tokens": 8, "lr": 1e-2, "reward": "rm:1", "reward_model": start_model_dir,
-              "save_every": 2, "scale_rewards": "batch", "loss_type": "dapo"}
+              "save_every": 2, "scale_rewards": "batch", "loss_type": "dapo", "rollout_precision": "fp32"}
     torchrun(1, "grpo", tmp_path / "one", batch_size=8, **common)
     # 2 ranks x 2 micro-batches of 2 uneven rows, token-mean loss: each micro-batch weighs its share of tokens
     torchrun(2, "grpo", tmp_path / "two", batch_size=2, grad_accum=2, **common)
@@ -76,14 +80,16 @@ def test_two_process_grpo_equals_one_process_and_its_checkpoint_resumes_in_one(t
      "entropy_target": 10.0, "ref_sync_every": 2, "ref_mixup_alpha": 0.5, "kl_coef": 0.05},
     # a random policy never formats an answer and rarely ends early (the overlong penalty then differs): most groups
     # have no variance, so dynamic sampling draws more; truncated completions masked, overlong ones penalised
+    # (seed 1: with seed 0's noise no group of the first rollout's 3 samplings ended early, so nothing trained)
     {"loss_type": "vespo", "reward": "format:1", "dynamic_sampling": "true", "max_sampling_tries": 3,
-     "mask_truncated_completions": "true", "overlong_buffer": 4, "kl_coef": 0.05},
+     "mask_truncated_completions": "true", "overlong_buffer": 4, "kl_coef": 0.05, "seed": 1},
 ], ids=["cispo-gdpo-entropy-refsync", "vespo-dynamic-sampling-truncation"])
 def test_two_process_grpo_with_toolbox_options_equals_one_process(options, tmp_path, start_model_dir, task_data):
     """The toolbox's options act on the gathered global rollout (or, like the entropy controller and the reference
     sync, on values every rank shares), so 2 processes follow 1 process's trajectory with them on too."""
     common = {"model": start_model_dir, "data": task_data["rl"], "steps": 4, "prompts_per_rollout": 4,
-              "group_size": 2, "max_new_tokens": 8, "lr": 1e-2, "reward_model": start_model_dir, **options}
+              "group_size": 2, "max_new_tokens": 8, "lr": 1e-2, "reward_model": start_model_dir,
+              "rollout_precision": "fp32", **options}
     # (the logged entropy and KL are means of per-micro-batch means, which depend on the split; the loss is not)
     keys = ("loss", "reward", "grad_norm") + (("dynamic_sampling/samplings",) if "dynamic_sampling" in options else ())
     torchrun(1, "grpo", tmp_path / "one", batch_size=8, **common)

