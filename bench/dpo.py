@@ -11,7 +11,8 @@ is prompt + response + <|im_end|>, with the loss on the response and <|im_end|>.
 
 Settings made equal: batch size (pairs per optimizer step, one micro-batch), max length, β, sigmoid loss,
 learning rate, AdamW (`torch.optim.AdamW`, non-fused, betas 0.9/0.95, no weight decay: TRL's `optim` is set
-to `adamw_torch`), gradient clipping at 1.0, fp32 (TRL's bf16 default off) and no gradient checkpointing
+to `adamw_torch`), gradient clipping at 1.0, fp32 (TRL's bf16 default off; `--bf16`: both under bf16 autocast,
+ours `bf16=true`, TRL `bf16=True`) and no gradient checkpointing
 (TRL's default on, turned off). Reference log-probs are precomputed once before training by both (ours:
 `precompute_ref`, TRL: `precompute_ref_log_probs`), so neither runs a reference model during training;
 `--live-ref` turns precompute off for both, and each then runs a frozen copy of the initial model every step.
@@ -62,7 +63,7 @@ def steps_per_second(step_ends: list[float], warmup: int) -> float:
 
 def run_ours(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out_dir: Path) -> dict:
     cfg = DPOConfig(out_dir=str(out_dir), steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
-                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=False, seed=args.seed, device="cpu",
+                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.bf16, seed=args.seed, device="cpu",
                     progress=False, max_len=args.max_len, beta=args.beta, loss_type="sigmoid",
                     precompute_ref=not args.live_ref, share_prompts=not args.no_share_prompts)
     tokenized = tokenize_pairs(tokenizer, pairs, cfg.max_len)
@@ -104,7 +105,7 @@ def run_trl(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out_
         gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0,
         weight_decay=0.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         max_length=args.max_len, beta=args.beta, loss_type=["sigmoid"], precompute_ref_log_probs=not args.live_ref,
-        precompute_ref_batch_size=32, bf16=False, gradient_checkpointing=False, use_cpu=True, seed=args.seed,
+        precompute_ref_batch_size=32, bf16=args.bf16, gradient_checkpointing=False, use_cpu=True, seed=args.seed,
         report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )
     reference = copy.deepcopy(model).eval() if args.live_ref else None
@@ -132,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours without the shared-prompt forward (the concatenated forward, as TRL)")
     parser.add_argument("--live-ref", action="store_true",
                         help="no reference precompute: both engines run a frozen reference model every step")
+    parser.add_argument("--bf16", action="store_true", help="both engines under bf16 autocast (fp32 weights)")
     add_shared_flags(parser)
     args = parser.parse_args(argv)
     resolve_size(args)
@@ -179,6 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": f"MiniMindLM {args.layers}x{args.hidden} (ours) = exported LlamaForCausalLM (TRL), "
                  f"vocab {tokenizer.vocab_size}",
         "ours_share_prompts": not args.no_share_prompts,
+        "bf16": args.bf16,
         "params": params,
         "batch_pairs": args.batch,
         "max_len": args.max_len,

@@ -7,7 +7,10 @@ our exact prompt ids). Same process, same torch threads, same prompts (rl.jsonl,
 (the demo's answer:1,working:0.2: TRL gets a function calling the same `WeightedSum.score`), and the demo's GRPO
 settings for both: 16 prompts x 8 completions per optimizer step in one micro-batch, T = 0.7, 48 new tokens with
 EOS stopping, lr 1e-4 constant, β = 0.04 (both hold a reference), ε = 0.2, `grpo` aggregation, group-scaled
-advantages, AdamW (betas 0.9/0.95), clipping at 1.0, fp32, no gradient checkpointing, one update per rollout.
+advantages, AdamW (betas 0.9/0.95), clipping at 1.0, fp32 training, no gradient checkpointing, one update per
+rollout. Ours samples with its default `rollout_precision=auto` (bf16 weights where the CPU multiplies bf16 natively,
+with the truncated importance-sampling correction; `--rollout-precision fp32` for fp32 rollouts), TRL with
+HF `generate` in fp32, its default.
 Each engine trains until its first optimizer step that ends past `--minutes` of training (ours:
 `max_minutes`; TRL: a callback that stops training), setup excluded. Then the SFT start and both results are
 scored on the same held-out problems by the same `task_metrics` (greedy accuracy ± s.e.; TRL's result loaded
@@ -49,7 +52,8 @@ def run_ours(sft: Path, tokenizer: Tokenizer, prompts, args, out_dir: Path) -> d
                      grad_accum=1, lr=LR, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                      seed=args.seed, device="cpu", progress=False, reward=REWARD, prompts_per_rollout=PROMPTS,
                      group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, kl_coef=BETA,
-                     clip_eps_low=0.2, clip_eps_high=0.2, loss_type="grpo", scale_rewards="group")
+                     clip_eps_low=0.2, clip_eps_high=0.2, loss_type="grpo", scale_rewards="group",
+                     rollout_precision=args.rollout_precision)
     policy = load_policy(sft).train()
     reference = load_policy(sft).eval().requires_grad_(False)
     algo = GRPO(policy, reference, tokenizer, prompts, build_reward(REWARD), [], cfg=cfg)
@@ -109,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--minutes", type=float, default=2.0, help="training wall-clock budget per engine")
     parser.add_argument("--eval", type=int, default=500, help="held-out problems scored")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rollout-precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="our sampler's weights (TRL generates in fp32)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     sft, data = Path(args.sft), Path(args.data)
@@ -139,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
             "params": sum(p.numel() for p in ours["model"].parameters()),
             "budget_minutes": args.minutes, "heldout_problems": len(heldout),
             "settings": {"prompts_per_step": PROMPTS, "group": GROUP, "temperature": TEMPERATURE,
-                         "max_new_tokens": NEW_TOKENS, "lr": LR, "beta": BETA, "reward": REWARD},
+                         "max_new_tokens": NEW_TOKENS, "lr": LR, "beta": BETA, "reward": REWARD,
+                         "ours_rollout_precision": args.rollout_precision},
             "sft_start": score(load_policy(sft)),
             "ours": {"steps": ours["steps"], "train_seconds": round(ours["train_seconds"], 1), **score(ours["model"])},
             "trl": {"steps": theirs["steps"], "train_seconds": round(theirs["train_seconds"], 1),
