@@ -70,6 +70,7 @@ def _stage_command(stage: str, args: argparse.Namespace) -> int:
                  "to resume, a new run starts over")) from None
     if result:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    distributed.barrier()  # every rank done (rank 0 saves last) before any leaves the process group at exit
     return 0
 
 
