@@ -15,16 +15,19 @@ from minirlhf.model import load_policy
 from minirlhf.tokenizer import Tokenizer
 
 
-def _grpo(start_model_dir, **values) -> GRPO:
-    class Constant:
-        def score(self, prompts, completions, meta):
-            return torch.tensor([float(i % 2) for i in range(len(completions))])
+class Alternating:
+    def score(self, prompts, completions, meta):
+        return torch.tensor([float(i % 2) for i in range(len(completions))])
 
+
+PROMPTS = [PromptExample([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(2)]
+
+
+def _grpo(start_model_dir, **values) -> GRPO:
     cfg = build_config(GRPOConfig, {"model": str(start_model_dir), "data": "unused", "group_size": 4,
                                     "prompts_per_rollout": 2, "batch_size": 8, "max_new_tokens": 6, "beta": 0.0,
                                     "device": "cpu", "seed": 0, **values}, where="grpo")
-    prompts = [PromptExample([{"role": "user", "content": f"What is {i} + 1?"}], str(i + 1)) for i in range(2)]
-    return GRPO(load_policy(start_model_dir), None, Tokenizer.load(start_model_dir), prompts, Constant(), [],
+    return GRPO(load_policy(start_model_dir), None, Tokenizer.load(start_model_dir), PROMPTS, Alternating(), [],
                 cfg=cfg)
 
 
@@ -43,6 +46,23 @@ def test_a_bf16_rollout_records_the_samplers_logprobs_and_the_loss_logs_the_gap(
     off = _grpo(start_model_dir, rollout_precision="bf16", rollout_correction="off")
     _, off_metrics = off.loss(exp)
     assert "rollout_weight" not in off_metrics and off_metrics["sampler_kl"] == metrics["sampler_kl"]
+
+
+def test_online_dpo_records_no_sampler_logprobs_its_t1_logprobs_could_not_be_compared_with(start_model_dir):
+    """Online DPO scores responses at T = 1, the sampler draws them at the sampling temperature: a KL between the
+    two would measure the temperature, not the bf16 mismatch."""
+    from minirlhf.algorithms.online_dpo import OnlineDPO, OnlineDPOConfig
+
+    cfg = build_config(OnlineDPOConfig, {"model": str(start_model_dir), "data": "unused", "prompts_per_rollout": 2,
+                                         "batch_size": 4, "max_new_tokens": 6, "temperature": 0.7,
+                                         "preference": "reward", "rollout_precision": "bf16", "device": "cpu"},
+                       where="online_dpo")
+    algo = OnlineDPO(load_policy(start_model_dir), load_policy(start_model_dir), Tokenizer.load(start_model_dir),
+                     PROMPTS, Alternating(), [], pairwise=None, eval_pairs=[], cfg=cfg)
+    assert algo.rollout_dtype == torch.bfloat16
+    exp = algo.make_experience(0)
+    assert exp.sampler_logps is None
+    assert "sampler_kl" not in algo.loss(exp)[1]
 
 
 @pytest.mark.parametrize("native", [True, False])

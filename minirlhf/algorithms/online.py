@@ -287,7 +287,9 @@ class OnlineRL(Algorithm):
         exp = Experience(out.input_ids, out.attention_mask, completion_mask, rewards, lengths.float(),
                          truncated.float(), torch.as_tensor(rows, device=self.device),
                          prompt_width=out.prompt_ids.shape[1])
-        if self.rollout_dtype != torch.float32:  # the sampler's own log-probs, aligned with the trainer's
+        # the bf16 sampler's own log-probs, aligned with the trainer's; comparable with those only when the trainer
+        # scores the sampling distribution too (online DPO's log-probs are at T = 1: it records none)
+        if self.rollout_dtype != torch.float32 and self.logprobs_at_sampling_temperature:
             exp.sampler_logps = torch.zeros(completion_mask[:, 1:].shape, device=self.device)
             exp.sampler_logps[:, exp.prompt_width - 1:] = out.logprobs
         if parts:  # (rows, rewards): what a multi-reward advantage (GDPO) normalises one by one

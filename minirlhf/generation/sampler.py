@@ -6,14 +6,15 @@ ops whatever the batch size: no Python loop over sequences. A row that emitted E
 batch stays rectangular) but its later tokens are padding with mask 0.
 
 Returned log-probs are those of the sampled tokens under softmax(logits / temperature), before top-k /
-top-p filtering, which is what `completion_logprobs(..., temperature=T)` recomputes for the same ids.
+top-p filtering, which is what `completion_logprobs(..., temperature=T)` recomputes for the same ids (from a bf16
+sampler, `dtype=torch.bfloat16`, they are its own: close to that recomputation, not equal).
 
-On CPU, decoding is ~70% small matrix products (batch rows x weight), and stock fp32 `F.linear` (MKL sgemm)
-is slow at that shape on some CPUs (1.75x slower than oneDNN on an AMD EPYC, 16 rows). So for the length
-of one `generate` call every fp32 `nn.Linear` runs through oneDNN with its weight packed once up front
-(`packed_cpu_linears`); the weights cannot change mid-call, and the originals are untouched. Results agree
-with the plain path to float32 rounding (a different summation order), not bit for bit. Set
-`PACK_CPU_LINEARS = False` to turn it off.
+Native dense models decode through `decode.decode_step` (fused q/k/v and gate/up matrices, packed once per call
+for oneDNN on CPU, optionally bf16: `dtype`); other models (HF, LoRA-wrapped, MoE) through their own forward, with
+their fp32 CPU `nn.Linear`s packed for oneDNN for the length of the call (`packed_cpu_linears`: stock fp32
+`F.linear`, MKL sgemm, is 2-3x slower at a few rows on some CPUs) or, for bf16, under autocast. Either way the
+weights cannot change mid-call and the originals are untouched; results agree with the model's forward to float32
+rounding (a different summation order), not bit for bit. `decode.PACK_CPU_LINEARS = False` turns packing off.
 """
 
 from __future__ import annotations
