@@ -22,7 +22,7 @@ The reward is answer correctness: ours is `build_reward("answer:1")` (`AnswerRew
 function that calls the same `AnswerReward.score` on the completion text. With random weights it is ~0.
 
 Completion length is fixed at `--max-new-tokens` for both by default, so both do the same work:
-- ours samples with `eos_id=-1` (an id `torch.multinomial` never returns; the GRPO's tokenizer is a copy
+- ours samples with `eos_id=-1` (an id the sampler never returns; the GRPO's tokenizer is a copy
   whose `eos_id` is -1, set after the prompts are encoded), so no row stops early;
 - TRL gets `generation_kwargs={"min_new_tokens": max_new_tokens}`, so EOS cannot be sampled before the limit.
 `--natural` keeps each engine's normal EOS stopping instead. Mean completion lengths are reported either way.
