@@ -50,7 +50,7 @@ def has_native_bf16(device_type: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-class Linear:
+class FrozenLinear:
     """y = x W^T for inference, W stored in `dtype` (x is rounded to it; y comes back in float32), packed once for
     oneDNN on CPU (or kept for `F.linear`)."""
 
@@ -72,11 +72,11 @@ class Linear:
 @dataclass
 class DecodeLayer:
     attn_norm: torch.Tensor
-    qkv: Linear
-    o: Linear
+    qkv: FrozenLinear
+    o: FrozenLinear
     mlp_norm: torch.Tensor
-    gate_up: Linear
-    down: Linear
+    gate_up: FrozenLinear
+    down: FrozenLinear
 
 
 class DecodeWeights:
@@ -94,15 +94,17 @@ class DecodeWeights:
         self.layers = []
         for layer in model.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+            gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             self.layers.append(DecodeLayer(
                 attn_norm=layer.input_layernorm.weight.detach(),
-                qkv=Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), batch_size, dtype),
-                o=Linear(attn.o_proj.weight, batch_size, dtype),
+                qkv=FrozenLinear(qkv, batch_size, dtype),
+                o=FrozenLinear(attn.o_proj.weight, batch_size, dtype),
                 mlp_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), batch_size, dtype),
-                down=Linear(mlp.down_proj.weight, batch_size, dtype)))
+                gate_up=FrozenLinear(gate_up, batch_size, dtype),
+                down=FrozenLinear(mlp.down_proj.weight, batch_size, dtype)))
         self.norm = model.norm.weight.detach()
-        self.lm_head = Linear(model.lm_head.weight, batch_size, dtype)
+        self.lm_head = FrozenLinear(model.lm_head.weight, batch_size, dtype)
 
     @staticmethod
     def supports(model: nn.Module) -> bool:
