@@ -223,9 +223,11 @@ def test_inverse_cdf_never_returns_a_token_without_mass_when_u_times_mass_rounds
 
 
 @pytest.mark.parametrize("padded", [False, True])
-def test_decode_step_equals_the_model_forward_with_the_same_cache(make_model, padded):
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_decode_step_equals_the_model_forward_with_the_same_cache(make_model, padded, fixed_shapes):
     """The sampler's fused, packed decode step (q/k/v and gate/up as one matrix each, attention as two products)
-    gives the model's own next-token logits and fills the cache with the same keys/values."""
+    gives the model's own next-token logits and fills the cache with the same keys/values; so does its
+    fixed-shape form (what a CUDA graph captures: every cache slot attended, the unwritten ones masked)."""
     from minirlhf.generation import decode
 
     model = make_model(seed=3)
@@ -246,7 +248,8 @@ def test_decode_step_equals_the_model_forward_with_the_same_cache(make_model, pa
         with torch.no_grad():
             expected = model(token[:, None], attention_mask=full_mask[:, :width + t + 1],
                              position_ids=positions[:, None], cache=caches[0], logits_to_keep=1).logits[:, -1]
-        got = decode.decode_step(weights, token, positions, caches[1], key_bias)
+        slot = torch.tensor([caches[1].length]) if fixed_shapes else None
+        got = decode.decode_step(weights, token, positions, caches[1], key_bias, slot)
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         token = got.argmax(-1)
     assert caches[1].length == caches[0].length

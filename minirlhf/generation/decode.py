@@ -121,26 +121,86 @@ class DecodeWeights:
 
 @torch.no_grad()
 def decode_step(weights: DecodeWeights, token: torch.Tensor, positions: torch.Tensor, cache: KVCache,
-                key_bias: torch.Tensor) -> torch.Tensor:
+                key_bias: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
     """Feed one token per row (B,) at `positions` (B,) after the cache's `length` positions; next-token logits
-    (B, V). `key_bias` (B, >= length + 1) is 0 on keys a row may attend to and -inf on its left padding."""
+    (B, V). `key_bias` (B, >= length + 1) is 0 on keys a row may attend to and -inf on its left padding.
+
+    With `slot` (a 1-element tensor holding the cache position to write, = cache.length) every shape is fixed:
+    the keys/values go in with `index_copy_` and attention covers the whole cache, the slots after `slot` masked;
+    more work per step, but a step that a CUDA graph can capture once and replay (`GraphedDecodeStep`)."""
     w = weights
     b, h, kv, d = token.shape[0], w.num_heads, w.num_kv_heads, w.head_dim
     start = cache.length
-    keys_bias = key_bias[:, None, None, :start + 1]  # (B, 1, 1, L) against scores (B, kv, h / kv, L)
+    if slot is None:
+        width = start + 1
+        keys_bias = key_bias[:, None, None, :width]  # (B, 1, 1, L) against scores (B, kv, h / kv, L)
+    else:
+        width = cache.max_len
+        unwritten = torch.arange(width, device=slot.device) > slot
+        keys_bias = key_bias[:, :width].masked_fill(unwritten, float("-inf"))[:, None, None]
     cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]
     x = w.embed[token]
     for i, layer in enumerate(w.layers):
         qkv = layer.qkv(w.rms_norm(x, layer.attn_norm))
         qk = qkv[:, :(h + kv) * d].view(b, h + kv, d)
         qk = qk * cos + _rotate_half(qk) * sin
-        cache.keys[i][:, :, start] = qk[:, h:]
-        cache.values[i][:, :, start] = qkv[:, (h + kv) * d:].view(b, kv, d)
+        new_k, new_v = qk[:, h:], qkv[:, (h + kv) * d:].view(b, kv, d)
+        if slot is None:
+            cache.keys[i][:, :, start] = new_k
+            cache.values[i][:, :, start] = new_v
+        else:
+            cache.keys[i].index_copy_(2, slot, new_k[:, :, None])
+            cache.values[i].index_copy_(2, slot, new_v[:, :, None])
         q = qk[:, :h].reshape(b, kv, h // kv, d)  # query heads grouped by the key/value head they share
-        scores = torch.matmul(q, cache.keys[i][:, :, :start + 1].transpose(-1, -2)) * d ** -0.5 + keys_bias
-        out = torch.matmul(scores.softmax(-1), cache.values[i][:, :, :start + 1])
+        scores = torch.matmul(q, cache.keys[i][:, :, :width].transpose(-1, -2)) * d ** -0.5 + keys_bias
+        out = torch.matmul(scores.softmax(-1), cache.values[i][:, :, :width])
         x = x + layer.o(out.reshape(b, h * d))
         gate, up = layer.gate_up(w.rms_norm(x, layer.mlp_norm)).split(w.intermediate, -1)
         x = x + layer.down(F.silu(gate) * up)
     cache.length = start + 1
     return w.lm_head(w.rms_norm(x, w.norm))
+
+
+USE_CUDA_GRAPHS = True  # False: decode eagerly on CUDA too
+
+
+class GraphedDecodeStep:
+    """On CUDA, `decode_step` (fixed-shape form) captured once per `generate` call as a CUDA graph and replayed
+    for every token: at a few rows a step is ~10 small kernels per layer whose launches, not the GPU, set the pace.
+    Inputs are copied into the graph's static tensors before each replay; the returned logits are the graph's
+    output buffer, overwritten by the next replay. Same results as the eager step (tests/test_sampler.py checks
+    the fixed-shape form on CPU; the graph was checked on an H200)."""
+
+    def __init__(self, weights: DecodeWeights, cache: KVCache, key_bias: torch.Tensor, batch: int) -> None:
+        device = key_bias.device
+        self.cache = cache
+        self.token = torch.zeros(batch, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)
+        self.slot = torch.full((1,), cache.length, dtype=torch.long, device=device)
+
+        def step() -> torch.Tensor:
+            length = cache.length
+            logits = decode_step(weights, self.token, self.positions, cache, key_bias, self.slot)
+            cache.length = length  # the sampler advances it
+            return logits
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up (writes the slot the first real step overwrites)
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = step()
+
+    @staticmethod
+    def applies(device: torch.device) -> bool:
+        return USE_CUDA_GRAPHS and device.type == "cuda"
+
+    def __call__(self, token: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.positions.copy_(positions)
+        self.slot.fill_(self.cache.length)
+        self.graph.replay()
+        self.cache.length += 1
+        return self.logits

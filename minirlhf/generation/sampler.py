@@ -225,6 +225,9 @@ def _generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Samp
 
     with lower_precision(device, dtype):
         logits = prefill(model, prompt_ids, prompt_mask, cache, [tuple(p) for p in prompts])
+    graphed = None
+    if weights is not None and steps > 1 and decode.GraphedDecodeStep.applies(device):
+        graphed = decode.GraphedDecodeStep(weights, cache, key_bias, batch)
     for t in range(steps):
         logits = logits.float()
         if sampling.temperature > 0:
@@ -243,7 +246,9 @@ def _generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Samp
         if t + 1 == steps or (t % 8 == 7 and bool(finished.all())):
             break
         positions = positions + 1
-        if weights is not None:
+        if graphed is not None:
+            logits = graphed(token, positions)
+        elif weights is not None:
             logits = decode.decode_step(weights, token, positions, cache, key_bias)
         else:
             with lower_precision(device, dtype):
