@@ -188,6 +188,25 @@ def test_vespo_gamma_weight_by_hand_one_on_policy_and_fading_both_ways():
     assert phis[0] < 1 and phis[2] < 1 and phis[1] == pytest.approx(1.0)  # below 1 on both sides of on-policy
 
 
+def test_vespo_takes_rollout_weights_into_its_sequence_weight_by_hand():
+    """With a bf16 sampler's truncated weights ω_t = π_old/π_sampler, VESPO's w = Π_t ρ_t ω_t over masked tokens
+    (as TRL); the weights do not multiply the loss a second time."""
+    shape = (2.0, 3.0)
+    mask = t([[1, 1, 0], [1, 0, 0]])
+    token_log_ratio = t([[0.1, -0.2, 0.0], [0.3, 0.0, 0.0]])
+    weights = t([[1.5, 0.5, 9.0], [2.0, 1.0, 1.0]])  # 9.0 sits on a masked token: ignored
+    adv = t([1.0, 1.0])[:, None] * mask
+    logps = -t([[0.4, 0.7, 0.1], [0.2, 0.3, 0.5]])
+    loss = vespo_surrogate(token_log_ratio, logps, adv, mask, shape, shape, rollout_weights=weights)
+    for i in range(2):
+        log_w = sum(token_log_ratio[i, j].item() + math.log(weights[i, j].item()) for j in range(3) if mask[i, j])
+        w = math.exp(log_w)
+        phi = math.exp(3.0) * w**2 * math.exp(-3.0 * w)
+        for j in range(3):
+            assert loss[i, j].item() == pytest.approx(-phi * adv[i, j].item() * logps[i, j].item(), rel=1e-5,
+                                                      abs=1e-7), (i, j)
+
+
 def test_sequence_level_ratio_is_the_mean_token_log_ratio_of_each_sequence():
     logps = t([[0.0, -1.0, -2.0, -3.0], [-1.0, -1.0, -1.0, -1.0]])
     old = t([[5.0, -1.5, -1.0, -3.0], [-2.0, -2.0, -2.0, -2.0]])
@@ -463,6 +482,35 @@ def test_policy_loss_without_kl_coef_ignores_the_kl():
 
 # ----------------------------------------------------------------------------------------------------
 # PPO
+
+
+def test_ppo_policy_loss_weights_each_tokens_clipped_surrogate_by_its_rollout_weight():
+    """PPO's policy loss with a bf16 sampler's truncated weights: token mean of ω_t · -min(ρA, clip(ρ)A) (entropy
+    bonus off), by hand; the value loss is not weighted."""
+    from types import SimpleNamespace
+
+    from minirlhf.algorithms.ppo import PPO
+
+    mask = t([[0, 1, 1], [0, 1, 0]])
+    logps, old = t([[0.0, -0.5, -1.0], [0.0, -0.2, 0.0]]), t([[0.0, -0.7, -0.9], [0.0, -0.6, 0.0]])
+    weights = t([[1.0, 2.0, 0.5], [1.0, 3.0, 1.0]])
+    adv, values = t([[0.0, 1.0, -1.0], [0.0, 0.5, 0.0]]), torch.zeros(2, 3)
+    ppo = PPO.__new__(PPO)  # only what `loss` reads
+    ppo.cfg = SimpleNamespace(clip_eps_low=0.2, clip_eps_high=0.2, clip_delta=None, vf_coef=0.5, value_clip=0.2)
+    ppo.entropy_bonus = SimpleNamespace(applied=0.0, trains_entropy=False)
+    ppo.policy_terms = lambda batch, entropy_grad=False: {"logps": logps, "old_logps": old, "mask": mask,
+                                                          "entropy": torch.zeros(2, 3), "rollout_weights": weights}
+    ppo._values = lambda batch: values
+    batch = SimpleNamespace(advantages=adv, values=values, returns=values, stats={})
+    _, metrics = PPO.loss(ppo, batch)
+    per_token = []
+    for b in range(2):
+        for i in range(3):
+            if mask[b, i]:
+                ratio, a = math.exp(logps[b, i].item() - old[b, i].item()), adv[b, i].item()
+                per_token.append(-weights[b, i].item() * min(ratio * a, min(max(ratio, 0.8), 1.2) * a))
+    assert metrics["policy_loss"] == pytest.approx(sum(per_token) / len(per_token), abs=1e-6)
+    assert metrics["value_loss"] == 0.0
 
 
 def test_ppo_value_loss_uses_the_clipped_branch_when_it_is_worse():
