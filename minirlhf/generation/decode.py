@@ -71,10 +71,10 @@ class FrozenLinear:
 
 @dataclass
 class DecodeLayer:
-    attn_norm: torch.Tensor
+    attn_norm: nn.Module  # the model's own RMSNorm modules
     qkv: FrozenLinear
     o: FrozenLinear
-    mlp_norm: torch.Tensor
+    mlp_norm: nn.Module
     gate_up: FrozenLinear
     down: FrozenLinear
 
@@ -87,7 +87,6 @@ class DecodeWeights:
     def __init__(self, model: MiniMindLM, batch_size: int, dtype: torch.dtype = torch.float32) -> None:
         config = model.config
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.eps = config.rms_norm_eps
         self.intermediate = config.intermediate_size
         self.embed = model.embed_tokens.weight.detach()
         self.rope_cos, self.rope_sin = model.rope_cos, model.rope_sin
@@ -97,13 +96,13 @@ class DecodeWeights:
             qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
             gate_up = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
             self.layers.append(DecodeLayer(
-                attn_norm=layer.input_layernorm.weight.detach(),
+                attn_norm=layer.input_layernorm,
                 qkv=FrozenLinear(qkv, batch_size, dtype),
                 o=FrozenLinear(attn.o_proj.weight, batch_size, dtype),
-                mlp_norm=layer.post_attention_layernorm.weight.detach(),
+                mlp_norm=layer.post_attention_layernorm,
                 gate_up=FrozenLinear(gate_up, batch_size, dtype),
                 down=FrozenLinear(mlp.down_proj.weight, batch_size, dtype)))
-        self.norm = model.norm.weight.detach()
+        self.norm = model.norm
         self.lm_head = FrozenLinear(model.lm_head.weight, batch_size, dtype)
 
     @staticmethod
@@ -114,9 +113,6 @@ class DecodeWeights:
             return False
         weight = model.lm_head.weight
         return weight.dtype == torch.float32 and not hasattr(weight, "device_mesh")
-
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
 
 
 @torch.no_grad()
@@ -141,7 +137,7 @@ def decode_step(weights: DecodeWeights, token: torch.Tensor, positions: torch.Te
     cos, sin = w.rope_cos[positions][:, None], w.rope_sin[positions][:, None]
     x = w.embed[token]
     for i, layer in enumerate(w.layers):
-        qkv = layer.qkv(w.rms_norm(x, layer.attn_norm))
+        qkv = layer.qkv(layer.attn_norm(x))
         qk = qkv[:, :(h + kv) * d].view(b, h + kv, d)
         qk = qk * cos + _rotate_half(qk) * sin
         new_k, new_v = qk[:, h:], qkv[:, (h + kv) * d:].view(b, kv, d)
@@ -155,10 +151,10 @@ def decode_step(weights: DecodeWeights, token: torch.Tensor, positions: torch.Te
         scores = torch.matmul(q, cache.keys[i][:, :, :width].transpose(-1, -2)) * d ** -0.5 + keys_bias
         out = torch.matmul(scores.softmax(-1), cache.values[i][:, :, :width])
         x = x + layer.o(out.reshape(b, h * d))
-        gate, up = layer.gate_up(w.rms_norm(x, layer.mlp_norm)).split(w.intermediate, -1)
+        gate, up = layer.gate_up(layer.mlp_norm(x)).split(w.intermediate, -1)
         x = x + layer.down(F.silu(gate) * up)
     cache.length = start + 1
-    return w.lm_head(w.rms_norm(x, w.norm))
+    return w.lm_head(w.norm(x))
 
 
 USE_CUDA_GRAPHS = True  # False: decode eagerly on CUDA too
