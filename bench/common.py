@@ -21,16 +21,25 @@ def task_tokenizer(vocab_size: int) -> Tokenizer:
     return train_tokenizer(texts, vocab_size)
 
 
-def matmul_peak_gflops(hidden: int, rows: int = 4096, repeats: int = 20) -> float:
-    """The fp32 `F.linear` rate this machine reaches at the model's shape ((rows, hidden) x (hidden, 2·hidden), the
-    current torch threads): what a training step's GFLOP/s is measured against."""
+def matmul_gflops(hidden: int, rows: int = 4096, repeats: int = 20) -> dict[str, float]:
+    """The fp32 rates this machine reaches at the model's shape ((rows, hidden) x (hidden, 2·hidden), the current
+    torch threads), by stock `F.linear` (MKL sgemm on x86; what HF models and TRL use) and by oneDNN (what our
+    model's linears use on CPU, `minirlhf.model.linear`); a training step's GFLOP/s is read against the higher."""
+    from minirlhf.model.linear import has_onednn_linear, onednn_linear
+
     x, w = torch.randn(rows, hidden), torch.randn(2 * hidden, hidden)
-    for _ in range(3):
-        torch.nn.functional.linear(x, w)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.nn.functional.linear(x, w)
-    return 2 * rows * hidden * 2 * hidden * repeats / (time.perf_counter() - start) / 1e9
+    products = {"F.linear": torch.nn.functional.linear}
+    if has_onednn_linear():
+        products["oneDNN"] = onednn_linear
+    rates = {}
+    for name, product in products.items():
+        for _ in range(3):
+            product(x, w)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            product(x, w)
+        rates[name] = round(2 * rows * hidden * 2 * hidden * repeats / (time.perf_counter() - start) / 1e9, 1)
+    return rates
 
 
 def quiet_hf(threads: int) -> None:
@@ -64,6 +73,17 @@ def add_shared_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per engine; the median is reported")
     parser.add_argument("--threads", type=int, help=f"torch threads, both engines (default {REALISTIC['threads']})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--aten-linears", action="store_true",
+                        help="ours with every fp32 product through stock F.linear (MKL), as the peer: no oneDNN")
+
+
+def use_aten_linears() -> None:
+    """Ours without oneDNN: the model's linears and the sampler's decode step multiply by stock `F.linear`."""
+    from minirlhf.generation import decode
+    from minirlhf.model import linear
+
+    linear.ONEDNN_CPU_LINEARS = False
+    decode.PACK_CPU_LINEARS = False
 
 
 def resolve_size(args: argparse.Namespace) -> None:

@@ -28,7 +28,9 @@ With `--rounds` > 1 the engines alternate (ours, TRL, ours, ...) with fresh mode
     python bench/dpo.py [--rounds 3 --steps 12 --warmup 3 --batch 16 --max-len 256]        # 18M params, 2 threads
     python bench/dpo.py --tiny --steps 30 --warmup 5 --batch 8                          # overhead only
 
-Prints one JSON object; `speedup` = our steps/s / TRL's steps/s.
+Prints one JSON object; `speedup` = our steps/s / TRL's steps/s; GFLOP/s of the nominal work against the fp32
+matmul rates measured at the model's shape (stock `F.linear`, which TRL's model uses, and oneDNN, which ours uses
+on CPU: `minirlhf.model.linear`; `--aten-linears` runs ours on stock `F.linear` too).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_shared_flags, matmul_peak_gflops, quiet_hf, resolve_size, task_tokenizer
+from common import add_shared_flags, matmul_gflops, quiet_hf, resolve_size, task_tokenizer, use_aten_linears
 
 from minirlhf.algorithms.dpo import DPO, DPOConfig
 from minirlhf.data.formats import PreferencePair
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_shared_flags(parser)
     args = parser.parse_args(argv)
     resolve_size(args)
+    if args.aten_linears:
+        use_aten_linears()
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
 
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
         "nominal_gflop_per_step": round(gflop, 1),
         "ours_effective_gflops": round(gflop * ours_sps, 1),
         "trl_gflops": round(gflop * trl_sps, 1),
-        "fp32_matmul_peak_gflops": round(matmul_peak_gflops(args.hidden), 1),
+        "fp32_matmul_gflops": matmul_gflops(args.hidden),
+        "ours_aten_linears": args.aten_linears,
         "ours_steps_per_s_runs": [round(x["steps_per_s"], 2) for x in ours],
         "trl_steps_per_s_runs": [round(x["steps_per_s"], 2) for x in theirs],
         "ours_first_loss": round(ours[0]["first_loss"], 5),

@@ -15,8 +15,9 @@ interleaved across engines.
 Each precision is compared like for like: `fp32` (both engines in float32) and `bf16` (ours samples from bf16
 copies of its weights, `generate(..., dtype=torch.bfloat16)`; HF runs the model cast to bfloat16). On CPU our
 decode step multiplies by fused q/k/v and gate/up matrices packed once per call for oneDNN
-(`minirlhf.generation.decode`; packing is inside the timed call); `--plain` also times ours with the packing
-switched off (stock `F.linear`, as HF uses), so the effects can be told apart.
+(`minirlhf.generation.decode`; packing is inside the timed call) and the prefill's products run on oneDNN
+(`minirlhf.model.linear`); `--plain` also times ours with both switched off (stock `F.linear`, as HF uses), so
+the effects can be told apart.
 
     python bench/generate.py [--preset mini --batch 16 --prompt-len 32 --new-tokens 128 --runs 3 --dtype both]
 
@@ -36,7 +37,7 @@ import warnings
 import torch
 
 from minirlhf.generation import SamplingConfig, decode, generate
-from minirlhf.model import MiniMindLM, preset
+from minirlhf.model import MiniMindLM, linear, preset
 from minirlhf.model.hf_export import export_hf
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["fp32", "bf16", "both"], default="both",
                         help="precision of both engines (both: the fp32 pair and the bf16 pair)")
-    parser.add_argument("--plain", action="store_true", help="also time our fp32 sampler without oneDNN packing")
+    parser.add_argument("--plain", action="store_true", help="also time our fp32 sampler on stock F.linear")
     args = parser.parse_args(argv)
 
     import transformers
@@ -121,11 +122,11 @@ def main(argv: list[str] | None = None) -> dict:
         assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
 
     def run_ours_plain() -> None:
-        decode.PACK_CPU_LINEARS = False
+        decode.PACK_CPU_LINEARS = linear.ONEDNN_CPU_LINEARS = False
         try:
             run_ours(torch.float32)
         finally:
-            decode.PACK_CPU_LINEARS = True
+            decode.PACK_CPU_LINEARS = linear.ONEDNN_CPU_LINEARS = True
 
     engines = {}
     for name, dtype in dtypes.items():

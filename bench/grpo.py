@@ -36,7 +36,9 @@ encoding are outside the timed window. With `--rounds` > 1 the engines alternate
     python bench/grpo.py --tiny --steps 10 --warmup 2 --prompts 4 --group 4 --max-new-tokens 32   # overhead only
 
 Prints one JSON object; `speedup` = TRL seconds/step / our seconds/step; GFLOP/s of the nominal work (see
-`nominal_gflop_per_step`) against the fp32 matmul rate measured at the model's shape.
+`nominal_gflop_per_step`) against the fp32 matmul rates measured at the model's shape (stock `F.linear`, which
+TRL's model uses, and oneDNN, which ours uses on CPU: `minirlhf.model.linear`; `--aten-linears` runs ours on
+stock `F.linear` too, to tell that apart from the rest).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import add_shared_flags, matmul_peak_gflops, quiet_hf, resolve_size, task_tokenizer
+from common import add_shared_flags, matmul_gflops, quiet_hf, resolve_size, task_tokenizer, use_aten_linears
 
 from minirlhf.algorithms.grpo import GRPO, GRPOConfig
 from minirlhf.data.formats import PromptExample
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     add_shared_flags(parser)
     args = parser.parse_args(argv)
     resolve_size(args)
+    if args.aten_linears:
+        use_aten_linears()
     if not 0 < args.warmup < args.steps:
         parser.error("need 0 < --warmup < --steps")
 
@@ -223,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         "nominal_gflop_per_step": round(gflop, 1),
         "ours_effective_gflops": round(gflop / ours_s, 1),
         "trl_gflops": round(gflop / trl_s, 1),
-        "fp32_matmul_peak_gflops": round(matmul_peak_gflops(args.hidden), 1),
+        "fp32_matmul_gflops": matmul_gflops(args.hidden),
+        "ours_aten_linears": args.aten_linears,
         "ours_seconds_per_step_runs": [round(x["seconds_per_step"], 4) for x in ours],
         "trl_seconds_per_step_runs": [round(x["seconds_per_step"], 4) for x in theirs],
         "ours_mean_completion_len": round(statistics.fmean(x["completion_len"] for x in ours), 2),

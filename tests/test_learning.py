@@ -29,7 +29,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rlhf.yaml"
 HELD_OUT = 200
 # The demo's pretraining and SFT as they are (a shorter start leaves working too weak to pay off), then each
 # method for fewer steps than the demo gives it.
-FEWER_STEPS = {"rm": 60, "dpo": 30, "ppo": 24, "grpo": 10, "spo": 12, "online-dpo": 10, "judge": 40, "rlaif": 12}
+FEWER_STEPS = {"rm": 60, "dpo": 30, "ppo": 24, "grpo": 10, "spo": 12, "online-dpo": 10, "rlaif": 12}
 
 
 def run_stage(root: Path, stage: str, **values) -> dict[str, float]:
@@ -114,7 +114,8 @@ def test_judge_learns_the_rubric_styles_and_rlaif_follows_its_score_alone(pipeli
     """The judge learns the style half of the rubric but not (yet) the answer half (README, "What limits it"),
     so RLAIF moves the policy to showing its working like the other methods, and accuracy follows."""
     judge = run_stage(pipeline["root"], "judge", eval_samples=HELD_OUT)
-    assert judge["agreement"] >= 0.75  # measured 0.825: styles judged right, worked slips rated as correct
+    # measured 0.845; rating every reply bad agrees 0.60, judging the styles right and slips as good 0.85
+    assert judge["agreement"] >= 0.75
     result = run_stage(pipeline["root"], "rlaif", eval_samples=HELD_OUT)  # reward: judge:1, no answer checking
     assert_held_out_gain(result, pipeline["sft"], 0.30)  # measured +0.465 (0.585) in 12 steps
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.linear import has_onednn_linear
 from ..model.minimind import KVCache, MiniMindLM, _rotate_half
 
 PACK_CPU_LINEARS = True  # False: plain F.linear on CPU too (the benchmark's `ours_plain` setting)
@@ -31,8 +32,7 @@ PACK_CPU_LINEARS = True  # False: plain F.linear on CPU too (the benchmark's `ou
 def can_pack_cpu_linears(weight: torch.Tensor) -> bool:
     """oneDNN packing applies: an fp32 or bf16 CPU weight, a torch build with the ops, and the switch on."""
     return (PACK_CPU_LINEARS and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+            and has_onednn_linear())
 
 
 @cache

@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import one_line
 from .config import ModelConfig
+from .linear import OneDNNLinear
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -109,10 +110,10 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=False)
+        self.q_proj = OneDNNLinear(h, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = OneDNNLinear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = OneDNNLinear(h, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = OneDNNLinear(self.num_heads * self.head_dim, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 layer_cache: tuple[torch.Tensor, torch.Tensor, int] | None) -> torch.Tensor:
@@ -189,9 +190,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = OneDNNLinear(hidden, intermediate, bias=False)
+        self.up_proj = OneDNNLinear(hidden, intermediate, bias=False)
+        self.down_proj = OneDNNLinear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -286,7 +287,7 @@ class MiniMindLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = OneDNNLinear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)

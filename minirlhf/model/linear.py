@@ -1,0 +1,71 @@
+"""The native model's linear layer: `nn.Linear` whose large float32 CPU products run on oneDNN.
+
+PyTorch's CPU `F.linear` / `mm` in float32 calls MKL's sgemm, which on AMD CPUs takes a path far below the
+hardware's AVX-512 rate; oneDNN (bundled with PyTorch, `torch.ops.mkldnn`) reaches it. Measured on the 2-core AMD
+EPYC (Zen 5) these benchmarks run on, 2 threads, at training shapes (1800-4600 rows, 512 <-> 1024 features):
+MKL 200-230 GFLOP/s for every product; oneDNN 450-530 for y = x Wᵀ and dx = dy W, 320-430 for dW = dyᵀ x.
+`OneDNNLinear` sends those three products of a float32 CPU layer to oneDNN once a product is large enough to pay
+for oneDNN's per-call cost (below `ONEDNN_MIN_MACS`, e.g. one decode row, MKL is faster), and is `nn.Linear`
+everywhere else: on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), with a bias, or when the
+build lacks the ops. Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same math in float32
+(another summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ONEDNN_CPU_LINEARS = True  # False: every product through F.linear (the benchmarks' `--aten-linears`)
+ONEDNN_MIN_MACS = 1 << 23  # rows x in x out below which MKL is faster (64 x 192 x 64: MKL 150, oneDNN 100 GFLOP/s)
+
+
+@cache
+def has_onednn_linear() -> bool:
+    """Whether this torch build has oneDNN's linear ops (x86 and aarch64 Linux wheels do)."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x Wᵀ by oneDNN: x (..., in), weight (out, in) or any strided view of that shape -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [None], "")
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    """y = x Wᵀ; backward dx = dy W and dW = dyᵀ x, each one oneDNN product (transposes are views, not copies)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return onednn_linear(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        dx = onednn_linear(dy, weight.t()) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = onednn_linear(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
+        return dx, dw
+
+
+class OneDNNLinear(nn.Linear):
+    """`nn.Linear` whose float32 CPU products (forward and backward) run on oneDNN when large enough."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (ONEDNN_CPU_LINEARS and self.bias is None and x.device.type == "cpu"
+                and x.dtype == self.weight.dtype == torch.float32 and not _autocast_on()
+                and x.numel() * self.weight.shape[0] >= ONEDNN_MIN_MACS and has_onednn_linear()):
+            return _OneDNNLinearFunction.apply(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
