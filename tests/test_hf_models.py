@@ -62,8 +62,11 @@ def test_chat_template_tokenizer_masks_assistant_content_and_end_of_turn(hf_dir)
 
 
 def test_hf_adapter_matches_transformers_with_padding_and_its_cache_samples_like_a_full_forward(hf_dir):
+    from minirlhf.model.linear import OneDNNLinear
+
     ours, theirs = load_policy(hf_dir).eval(), load_hf(hf_dir)
     assert isinstance(ours, HFCausalLM)
+    assert any(isinstance(m, OneDNNLinear) for m in ours.modules())  # its large fp32 CPU products on oneDNN
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 300, (2, 7), generator=g)
     mask = torch.ones_like(ids)

@@ -204,22 +204,30 @@ def test_unknown_preset_and_bad_head_split_are_errors():
 
 
 @pytest.mark.skipif(not has_onednn_linear(), reason="this torch build has no oneDNN linear ops")
-def test_onednn_linear_is_x_times_w_transposed_forward_and_backward(monkeypatch):
-    """The model's linear sends large fp32 CPU products to oneDNN: y = x Wᵀ, dx = dy W, dW = dyᵀ x, checked against
-    the formula in float64 (3-D input, as the model's plain forward passes), and takes `F.linear` where it should."""
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_is_x_times_w_transposed_forward_and_backward(monkeypatch, bias):
+    """The models' linear sends large fp32 CPU products to oneDNN: y = x Wᵀ + b, dx = dy W, dW = dyᵀ x, db = Σ dy,
+    checked against the formula in float64 (3-D input, as the model's plain forward passes), and takes
+    `F.linear` where it should. `use_onednn_linears` retypes a model's plain linears in place."""
     from minirlhf.model import linear
 
     g = torch.Generator().manual_seed(0)
-    layer = linear.OneDNNLinear(96, 80, bias=False)
+    plain = torch.nn.Sequential(torch.nn.Linear(96, 80, bias=bias))
+    layer = linear.use_onednn_linears(plain)[0]
+    assert type(layer) is linear.OneDNNLinear and list(dict(plain.named_parameters())) == (
+        ["0.weight", "0.bias"] if bias else ["0.weight"])
     x = torch.randn(4, 300, 96, generator=g, requires_grad=True)  # 4 * 300 * 96 * 80 MACs > ONEDNN_MIN_MACS
     y = layer(x)
     assert type(y.grad_fn).__name__ == "_OneDNNLinearFunctionBackward"
     dy = torch.randn(y.shape, generator=g)
-    dx, dw = torch.autograd.grad(y, (x, layer.weight), dy)
+    grads = torch.autograd.grad(y, (x, *layer.parameters()), dy)
     x64, w64, dy64 = x.detach().double(), layer.weight.detach().double(), dy.double()
-    torch.testing.assert_close(y.double(), x64 @ w64.T, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dx.double(), dy64 @ w64, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dw.double(), dy64.reshape(-1, 80).T @ x64.reshape(-1, 96), atol=1e-4, rtol=1e-5)
+    b64 = layer.bias.detach().double() if bias else 0.0
+    torch.testing.assert_close(y.double(), x64 @ w64.T + b64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0].double(), dy64 @ w64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[1].double(), dy64.reshape(-1, 80).T @ x64.reshape(-1, 96), atol=1e-4, rtol=1e-5)
+    if bias:
+        torch.testing.assert_close(grads[2].double(), dy64.sum((0, 1)), atol=1e-4, rtol=1e-5)
     # F.linear: a product too small to pay for oneDNN's call, under autocast, or with the switch off
     assert type(layer(x[:1, :4]).grad_fn).__name__ != "_OneDNNLinearFunctionBackward"
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..errors import blocked_pickle_reason
+from .linear import use_onednn_linears
 from .minimind import ModelOutput, default_position_ids
 
 
@@ -84,7 +85,7 @@ class HFCausalLM(nn.Module):
                 problem = ("refusing to load a weights file that holds objects other than tensors; nothing was "
                            f"unpickled ({blocked_pickle_reason(e)})")
             raise ValueError(f"{directory}: cannot load the Hugging Face model ({problem})") from e
-        return cls(model).to(device)
+        return cls(use_onednn_linears(model)).to(device)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.hf.get_input_embeddings()

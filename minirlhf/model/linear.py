@@ -1,4 +1,4 @@
-"""The native model's linear layer: `nn.Linear` whose large float32 CPU products run on oneDNN.
+"""The models' linear layer: `nn.Linear` whose large float32 CPU products run on oneDNN.
 
 PyTorch's CPU `F.linear` / `mm` in float32 calls MKL's sgemm, which on AMD CPUs takes a path far below the
 hardware's AVX-512 rate; oneDNN (bundled with PyTorch, `torch.ops.mkldnn`) reaches it. Measured on the 2-core AMD
@@ -6,9 +6,10 @@ EPYC (Zen 5) these benchmarks run on, 2 threads, at training shapes (1800-4600 r
 MKL 200-230 GFLOP/s for every product; oneDNN 450-530 for y = x Wᵀ and dx = dy W, 320-430 for dW = dyᵀ x.
 `OneDNNLinear` sends those three products of a float32 CPU layer to oneDNN once a product is large enough to pay
 for oneDNN's per-call cost (below `ONEDNN_MIN_MACS`, e.g. one decode row, MKL is faster), and is `nn.Linear`
-everywhere else: on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), with a bias, or when the
-build lacks the ops. Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same math in float32
-(another summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
+everywhere else: on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), or when the build lacks
+the ops. The native model is built with it; Hugging Face models get it by `use_onednn_linears` when loaded.
+Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same math in float32 (another
+summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
 """
 
 from __future__ import annotations
@@ -37,35 +38,46 @@ def _autocast_on() -> bool:
         return torch.is_autocast_cpu_enabled()
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x Wᵀ by oneDNN: x (..., in), weight (out, in) or any strided view of that shape -> (..., out)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [None], "")
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x Wᵀ (+ b) by oneDNN: x (..., in), weight (out, in) or any strided view of that shape -> (..., out)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
 
 
 class _OneDNNLinearFunction(torch.autograd.Function):
-    """y = x Wᵀ; backward dx = dy W and dW = dyᵀ x, each one oneDNN product (transposes are views, not copies)."""
+    """y = x Wᵀ + b; backward dx = dy W, dW = dyᵀ x (each one oneDNN product; the transposes are views, not
+    copies) and db = the sum of dy over rows."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return onednn_linear(x, weight)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, dy: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def backward(ctx, dy: torch.Tensor):
         x, weight = ctx.saved_tensors
+        dy_rows = dy.reshape(-1, dy.shape[-1])
         dx = onednn_linear(dy, weight.t()) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            dw = onednn_linear(dy.reshape(-1, dy.shape[-1]).t(), x.reshape(-1, x.shape[-1]).t())
-        return dx, dw
+        dw = onednn_linear(dy_rows.t(), x.reshape(-1, x.shape[-1]).t()) if ctx.needs_input_grad[1] else None
+        db = dy_rows.sum(0) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
 
 
 class OneDNNLinear(nn.Linear):
     """`nn.Linear` whose float32 CPU products (forward and backward) run on oneDNN when large enough."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (ONEDNN_CPU_LINEARS and self.bias is None and x.device.type == "cpu"
-                and x.dtype == self.weight.dtype == torch.float32 and not _autocast_on()
-                and x.numel() * self.weight.shape[0] >= ONEDNN_MIN_MACS and has_onednn_linear()):
-            return _OneDNNLinearFunction.apply(x, self.weight)
+        if (ONEDNN_CPU_LINEARS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
+                and not _autocast_on() and x.numel() * self.weight.shape[0] >= ONEDNN_MIN_MACS
+                and has_onednn_linear()):
+            return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Make every plain `nn.Linear` in `model` (a Hugging Face model, say) a `OneDNNLinear`, in place: the same
+    module with the same parameters, only its forward changes; subclasses (LoRA layers, quantised linears) are
+    left alone."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+    return model
