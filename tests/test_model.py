@@ -234,3 +234,37 @@ def test_onednn_linear_is_x_times_w_transposed_forward_and_backward(monkeypatch,
         assert layer(x).dtype == torch.bfloat16
     monkeypatch.setattr(linear, "ONEDNN_CPU_LINEARS", False)
     assert type(layer(x).grad_fn).__name__ != "_OneDNNLinearFunctionBackward"
+
+
+@pytest.mark.skipif(not has_onednn_linear(), reason="this torch build has no oneDNN linear ops")
+@pytest.mark.parametrize("shared", [False, True])
+def test_model_with_onednn_linears_equals_it_with_f_linear(monkeypatch, make_model, shared):
+    """End to end: the native model's log-probs and every parameter gradient are the same with its products on
+    oneDNN as on stock `F.linear` (float32 rounding apart), through the plain and the shared-prompt forward."""
+    from minirlhf.logprobs import completion_logprobs
+    from minirlhf.model import linear
+    from minirlhf.model.minimind import SharedPrompt
+
+    monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 0)  # every product of this tiny model, however small
+    model = make_model(seed=0).train()
+    assert type(model.lm_head(torch.randn(3, 64, requires_grad=True)).grad_fn).__name__ == (
+        "_OneDNNLinearFunctionBackward")
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, model.config.vocab_size, (8, 40), generator=g)
+    attention = torch.ones_like(ids)
+    attention[1::2, :3] = 0  # left padding on some rows
+    ids[:, :10] = ids[::2, :10].repeat_interleave(2, 0)  # rows 2k and 2k+1 share a 10-token prompt
+    completion = torch.zeros_like(ids)
+    completion[:, 10:] = 1
+    prompt = SharedPrompt.of(torch.arange(8) // 2, 10) if shared else None
+    results = []
+    for on in (True, False):
+        monkeypatch.setattr(linear, "ONEDNN_CPU_LINEARS", on)
+        model.zero_grad(set_to_none=True)
+        logps, mask = completion_logprobs(model, ids, attention, completion, shared_prompt=prompt)
+        (logps * mask).sum().backward()
+        results.append((logps.detach(), [p.grad.clone() for p in model.parameters()]))
+    (on_logps, on_grads), (off_logps, off_grads) = results
+    torch.testing.assert_close(on_logps, off_logps, atol=1e-5, rtol=1e-5)
+    for on_grad, off_grad in zip(on_grads, off_grads):
+        torch.testing.assert_close(on_grad, off_grad, atol=1e-5, rtol=1e-4)
