@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.linear import has_onednn_linear
+from ..model.linear import has_onednn_linear, onednn_linear
 from ..model.minimind import KVCache, MiniMindLM, _rotate_half
 
 PACK_CPU_LINEARS = True  # False: plain F.linear on CPU too (the benchmark's `ours_plain` setting)
@@ -63,7 +63,7 @@ class FrozenLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         if self.packed:
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [None], "")
+            y = onednn_linear(x, self.weight)
         else:
             y = F.linear(x, self.weight)
         return y.float()

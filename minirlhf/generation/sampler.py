@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..logprobs import gather_logprobs
+from ..model.linear import cpu_autocast_on, onednn_linear
 from ..model.minimind import KVCache
 from . import decode
 
@@ -107,15 +108,11 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def _packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight, self.bias, "none", [None], "")
+    return onednn_linear(x, self._packed_weight, self.bias)
 
 
 def _can_pack(linears: list[nn.Linear]) -> bool:
-    try:
-        autocast = torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        autocast = torch.is_autocast_cpu_enabled()
-    return bool(linears) and not autocast and all(
+    return bool(linears) and not cpu_autocast_on() and all(
         decode.can_pack_cpu_linears(m.weight) and not hasattr(m.weight, "device_mesh")  # FSDP: gathered per forward
         and "_packed_weight" not in m.__dict__ for m in linears)
 

@@ -26,12 +26,13 @@ ONEDNN_MIN_MACS = 1 << 23  # rows x in x out below which MKL is faster (64 x 192
 
 @cache
 def has_onednn_linear() -> bool:
-    """Whether this torch build has oneDNN's linear ops (x86 and aarch64 Linux wheels do)."""
+    """Whether this torch build has oneDNN's linear ops."""
     return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def _autocast_on() -> bool:
+def cpu_autocast_on() -> bool:
+    """Whether CPU autocast is active (its products then run in bf16, already on oneDNN)."""
     try:
         return torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4
@@ -67,7 +68,7 @@ class OneDNNLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (ONEDNN_CPU_LINEARS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
-                and not _autocast_on() and x.numel() * self.weight.shape[0] >= ONEDNN_MIN_MACS
+                and not cpu_autocast_on() and x.numel() * self.weight.shape[0] >= ONEDNN_MIN_MACS
                 and has_onednn_linear()):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
