@@ -250,4 +250,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A torchrun worker leaves without the interpreter's C++ teardown: there, threads of the gloo process group
+        # that are still joinable can abort a worker whose work is done and saved ("terminate called without an
+        # active exception", exit -6, which torchrun reports as the run failing). Files are closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
