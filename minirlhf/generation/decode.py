@@ -30,7 +30,8 @@ PACK_CPU_LINEARS = True  # False: plain F.linear on CPU too (the benchmark's `ou
 
 
 def can_pack_cpu_linears(weight: torch.Tensor) -> bool:
-    """oneDNN packing applies: an fp32 or bf16 CPU weight, a torch build with the ops, and the switch on."""
+    """oneDNN packing applies: an fp32 or bf16 CPU weight, `has_onednn_linear()` (x86-64, a build with the ops),
+    and the switch on."""
     return (PACK_CPU_LINEARS and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and has_onednn_linear())
 

@@ -6,14 +6,15 @@ EPYC (Zen 5) these benchmarks run on, 2 threads, at training shapes (1800-4600 r
 MKL 200-230 GFLOP/s for every product; oneDNN 450-530 for y = x Wᵀ and dx = dy W, 320-430 for dW = dyᵀ x.
 `OneDNNLinear` sends those three products of a float32 CPU layer to oneDNN once a product is large enough to pay
 for oneDNN's per-call cost (below `ONEDNN_MIN_MACS`, e.g. one decode row, MKL is faster), and is `nn.Linear`
-everywhere else: on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), or when the build lacks
-the ops. The native model is built with it; Hugging Face models get it by `use_onednn_linears` when loaded.
-Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same math in float32 (another
-summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
+everywhere else: on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), on ARM CPUs, or when
+the build lacks the ops. The native model is built with it; Hugging Face models get it by `use_onednn_linears`
+when loaded. Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same math in float32
+(another summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
 """
 
 from __future__ import annotations
 
+import platform
 from functools import cache
 
 import torch
@@ -26,9 +27,10 @@ ONEDNN_MIN_MACS = 1 << 23  # rows x in x out below which MKL is faster (64 x 192
 
 @cache
 def has_onednn_linear() -> bool:
-    """Whether this torch build has oneDNN's linear ops."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    """Whether oneDNN's linear ops are used here: an x86-64 CPU (where they were measured; ARM CPUs keep PyTorch's
+    own BLAS, e.g. Accelerate on Apple silicon) and a torch build that has them."""
+    return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def cpu_autocast_on() -> bool:
