@@ -77,13 +77,13 @@ def add_shared_flags(parser: argparse.ArgumentParser) -> None:
                         help="ours with every fp32 product through stock F.linear (MKL), as the peer: no oneDNN")
 
 
-def use_aten_linears() -> None:
-    """Ours without oneDNN: the model's linears and the sampler's decode step multiply by stock `F.linear`."""
+def use_aten_linears(on: bool = True) -> None:
+    """Ours without oneDNN (`on`) or with it again: the model's linears and the sampler's decode step multiply by
+    stock `F.linear`."""
     from minirlhf.generation import decode
     from minirlhf.model import linear
 
-    linear.ONEDNN_CPU_LINEARS = False
-    decode.PACK_CPU_LINEARS = False
+    linear.ONEDNN_CPU_LINEARS = decode.PACK_CPU_LINEARS = not on
 
 
 def resolve_size(args: argparse.Namespace) -> None:

@@ -35,9 +35,10 @@ import time
 import warnings
 
 import torch
+from common import use_aten_linears
 
-from minirlhf.generation import SamplingConfig, decode, generate
-from minirlhf.model import MiniMindLM, linear, preset
+from minirlhf.generation import SamplingConfig, generate
+from minirlhf.model import MiniMindLM, preset
 from minirlhf.model.hf_export import export_hf
 
 
@@ -122,11 +123,11 @@ def main(argv: list[str] | None = None) -> dict:
         assert out.shape == (args.batch, args.prompt_len + args.new_tokens), out.shape
 
     def run_ours_plain() -> None:
-        decode.PACK_CPU_LINEARS = linear.ONEDNN_CPU_LINEARS = False
+        use_aten_linears()
         try:
             run_ours(torch.float32)
         finally:
-            decode.PACK_CPU_LINEARS = linear.ONEDNN_CPU_LINEARS = True
+            use_aten_linears(False)
 
     engines = {}
     for name, dtype in dtypes.items():

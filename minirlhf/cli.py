@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     status = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed.launched_by_torchrun():
         # A torchrun worker leaves without the interpreter's C++ teardown: there, threads of the gloo process group
         # that are still joinable can abort a worker whose work is done and saved ("terminate called without an
         # active exception", exit -6, which torchrun reports as the run failing). Files are closed by now.

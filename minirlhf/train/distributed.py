@@ -44,9 +44,14 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started (it sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def setup(device: torch.device) -> torch.device:
     """Join the torchrun process group if launched by torchrun; returns the device this rank uses."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if not launched_by_torchrun() or dist.is_initialized():
         return device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
