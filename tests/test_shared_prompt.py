@@ -210,3 +210,40 @@ def test_masked_attention_equals_sdpa(monkeypatch, materialise):
     scores = (q[1, h] @ k[1, h // 2].T) / 8 ** 0.5
     by_hand = scores.masked_fill(~mask[1, 0], float("-inf")).softmax(-1) @ v[1, h // 2]
     torch.testing.assert_close(out[1, h], by_hand, atol=1e-6, rtol=1e-5)
+
+
+def test_masked_attention_in_bf16_is_the_formula_to_bf16_rounding():
+    """Under bf16 autocast the scores and probabilities stay bf16 (no float32 copy): output and gradients still
+    match the float64 formula to bf16 precision, the masked keys get no weight, and the output is bf16."""
+    from minirlhf.model.minimind import masked_attention
+
+    g = torch.Generator().manual_seed(1)
+    q64 = torch.randn(4, 4, 6, 16, generator=g, dtype=torch.float64)
+    k64, v64 = (torch.randn(4, 2, 9, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(4, 1, 6, 9, generator=g) > 0.4
+    mask[..., 0] = True
+    weights = torch.randn(4, 4, 6, 16, generator=g, dtype=torch.float64)
+
+    def formula(q, k, v):  # query head h reads key/value head h // 2
+        k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        scores = (q @ k.transpose(-1, -2) / 16 ** 0.5).masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1) @ v
+
+    leaves = [t.float().requires_grad_() for t in (q64, k64, v64)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = masked_attention(*leaves, mask)
+    assert out.dtype == torch.bfloat16
+    grads = torch.autograd.grad((out.double() * weights).sum(), leaves)
+    exact = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    want = formula(*exact)
+    want_grads = torch.autograd.grad((want * weights).sum(), exact)
+    torch.testing.assert_close(out.double(), want, atol=3e-2, rtol=2e-2)
+    for got, expected in zip(grads, want_grads):
+        assert ((got.double() - expected).norm() / expected.norm()) < 2e-2
+    # a masked key's value cannot leak: changing it leaves the output unchanged
+    hidden = (~mask[0, 0, 0]).nonzero()[0, 0]
+    v_changed = leaves[2].detach().clone()
+    v_changed[0, :, hidden] += 100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        again = masked_attention(leaves[0].detach(), leaves[1].detach(), v_changed, mask)
+    assert torch.equal(again[0, :, 0], out.detach()[0, :, 0])

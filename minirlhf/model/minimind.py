@@ -180,8 +180,11 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=kv != h)
     group = h // kv  # the query heads that share a key/value head ride in one product as extra query rows
     scores = torch.matmul(q.reshape(b, kv, group * q_len, d), k.transpose(-1, -2)).view(b, kv, group, q_len, k_len)
-    scores = (scores.float() * d ** -0.5).masked_fill(~mask.unsqueeze(2), float("-inf"))  # fp32 softmax, as SDPA
-    probs = scores.softmax(-1).to(v.dtype).view(b, kv, group * q_len, k_len)
+    scores = (scores * d ** -0.5).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    # softmax in the scores' dtype: in bf16 it still sums in float32 and rounds each probability once, as SDPA's
+    # kernels feed bf16 probabilities to the product with v; a float32 copy of the scores (kept for backward) made
+    # this function 10-40% slower in bf16 training (fwd + bwd at 64 rows x 8 heads x 64 queries x 104 keys)
+    probs = scores.softmax(-1).view(b, kv, group * q_len, k_len)
     return torch.matmul(probs, v).view(b, h, q_len, d)
 
 
