@@ -151,9 +151,11 @@ def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None, rows: 
     offset, total = rows if rows is not None else (0, probs.shape[0])
     u = torch.rand((total, 1), generator=generator, device=probs.device)[offset:offset + probs.shape[0]]
     cdf = probs.cumsum(-1)
-    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1)
-    # u * mass can round up to the mass itself; cdf.argmax is then the last token that carries probability
-    return torch.minimum(token, cdf.argmax(-1))
+    mass = cdf[:, -1:].contiguous()
+    token = torch.searchsorted(cdf, u * mass, right=True)
+    # u * mass can round up to the mass itself; the last token that carries probability is the first where the
+    # (non-decreasing) cdf reaches the mass: a binary search, where cdf.argmax would read the whole row
+    return torch.minimum(token, torch.searchsorted(cdf, mass)).squeeze(1)
 
 
 def prefill(model: nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cache, keys: list[tuple]
@@ -228,7 +230,7 @@ def _generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Samp
     for t in range(steps):
         logits = logits.float()
         if sampling.temperature > 0:
-            scaled = logits / sampling.temperature
+            scaled = logits / sampling.temperature if sampling.temperature != 1 else logits
             probs = filter_logits(scaled, sampling.top_k, sampling.top_p).softmax(-1)
             token = sample_tokens(probs, generator, rows)
         else:
