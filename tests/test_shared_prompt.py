@@ -198,7 +198,9 @@ def test_masked_attention_equals_sdpa(monkeypatch, materialise):
     k, v = (torch.randn(3, 2, 7, 8, generator=g, requires_grad=True) for _ in range(2))
     mask = torch.rand(3, 1, 5, 7, generator=g) > 0.5
     mask[:, :, torch.arange(5), torch.arange(5) + 2] = True  # every query may attend somewhere
-    out = minimind.masked_attention(q, k, v, mask)
+    bias = minimind.attention_bias(mask)
+    assert torch.equal(bias == 0, mask) and bool(torch.isneginf(bias[~mask]).all())
+    out = minimind.masked_attention(q, k, v, bias)
     grads = torch.autograd.grad((out * out.detach().sin()).sum(), (q, k, v))
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     expected_grads = torch.autograd.grad((expected * expected.detach().sin()).sum(), (q, k, v))
@@ -210,12 +212,16 @@ def test_masked_attention_equals_sdpa(monkeypatch, materialise):
     scores = (q[1, h] @ k[1, h // 2].T) / 8 ** 0.5
     by_hand = scores.masked_fill(~mask[1, 0], float("-inf")).softmax(-1) @ v[1, h // 2]
     torch.testing.assert_close(out[1, h], by_hand, atol=1e-6, rtol=1e-5)
+    if materialise:  # the added bias gives the very numbers of masking the scaled scores (x + 0 = x, x - inf = -inf)
+        scores = (q.reshape(3, 2, 10, 8) @ k.transpose(-1, -2)).view(3, 2, 2, 5, 7) * 8 ** -0.5
+        masked = scores.masked_fill(~mask.unsqueeze(2), float("-inf")).softmax(-1).view(3, 2, 10, 7) @ v
+        assert torch.equal(out, masked.view(3, 4, 5, 8))
 
 
 def test_masked_attention_in_bf16_is_the_formula_to_bf16_rounding():
     """Under bf16 autocast the scores and probabilities stay bf16 (no float32 copy): output and gradients still
     match the float64 formula to bf16 precision, the masked keys get no weight, and the output is bf16."""
-    from minirlhf.model.minimind import masked_attention
+    from minirlhf.model.minimind import attention_bias, masked_attention
 
     g = torch.Generator().manual_seed(1)
     q64 = torch.randn(4, 4, 6, 16, generator=g, dtype=torch.float64)
@@ -231,7 +237,7 @@ def test_masked_attention_in_bf16_is_the_formula_to_bf16_rounding():
 
     leaves = [t.float().requires_grad_() for t in (q64, k64, v64)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = masked_attention(*leaves, mask)
+        out = masked_attention(*leaves, attention_bias(mask))
     assert out.dtype == torch.bfloat16
     grads = torch.autograd.grad((out.double() * weights).sum(), leaves)
     exact = [t.clone().requires_grad_() for t in (q64, k64, v64)]
@@ -245,5 +251,5 @@ def test_masked_attention_in_bf16_is_the_formula_to_bf16_rounding():
     v_changed = leaves[2].detach().clone()
     v_changed[0, :, hidden] += 100
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        again = masked_attention(leaves[0].detach(), leaves[1].detach(), v_changed, mask)
+        again = masked_attention(leaves[0].detach(), leaves[1].detach(), v_changed, attention_bias(mask))
     assert torch.equal(again[0, :, 0], out.detach()[0, :, 0])
