@@ -35,10 +35,7 @@ def has_onednn_linear() -> bool:
 
 def cpu_autocast_on() -> bool:
     """Whether CPU autocast is active (its products then run in bf16, already on oneDNN)."""
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4
-        return torch.is_autocast_cpu_enabled()
+    return torch.is_autocast_enabled("cpu")  # the device argument exists from torch 2.4; we require >= 2.6
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
