@@ -66,7 +66,7 @@ def test_hf_adapter_matches_transformers_with_padding_and_its_cache_samples_like
 
     ours, theirs = load_policy(hf_dir).eval(), load_hf(hf_dir)
     assert isinstance(ours, HFCausalLM)
-    assert any(isinstance(m, OneDNNLinear) for m in ours.modules())  # its large fp32 CPU products on oneDNN
+    assert any(isinstance(m, OneDNNLinear) for m in ours.modules())  # fp32 CPU products: oneDNN where it beats MKL
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, 300, (2, 7), generator=g)
     mask = torch.ones_like(ids)

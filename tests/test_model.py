@@ -211,6 +211,7 @@ def test_onednn_linear_is_x_times_w_transposed_forward_and_backward(monkeypatch,
     `F.linear` where it should. `use_onednn_linears` retypes a model's plain linears in place."""
     from minirlhf.model import linear
 
+    monkeypatch.setattr(linear, "onednn_beats_blas", lambda: True)  # as on an AMD CPU, whatever this one is
     g = torch.Generator().manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(96, 80, bias=bias))
     layer = linear.use_onednn_linears(plain)[0]
@@ -234,6 +235,22 @@ def test_onednn_linear_is_x_times_w_transposed_forward_and_backward(monkeypatch,
         assert layer(x).dtype == torch.bfloat16
     monkeypatch.setattr(linear, "ONEDNN_CPU_LINEARS", False)
     assert type(layer(x).grad_fn).__name__ != "_OneDNNLinearFunctionBackward"
+    monkeypatch.setattr(linear, "ONEDNN_CPU_LINEARS", True)
+    monkeypatch.setattr(linear, "onednn_beats_blas", lambda: False)  # an Intel CPU: MKL's sgemm is the faster
+    assert type(layer(x).grad_fn).__name__ != "_OneDNNLinearFunctionBackward"
+
+
+@pytest.mark.parametrize(("vendor", "onednn"), [("GenuineIntel", False), ("AuthenticAMD", True), ("", True)])
+def test_training_products_go_to_onednn_only_off_intel(monkeypatch, vendor, onednn):
+    """MKL picks its sgemm path by CPU vendor: fast on Intel CPUs (oneDNN no faster there), slow elsewhere (AMD),
+    so fp32 training products go to oneDNN only on non-Intel x86-64 CPUs that have its ops."""
+    from minirlhf.model import linear
+
+    monkeypatch.setattr(linear, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(linear, "has_onednn_linear", lambda: True)
+    assert linear.onednn_beats_blas.__wrapped__() is onednn
+    monkeypatch.setattr(linear, "has_onednn_linear", lambda: False)
+    assert linear.onednn_beats_blas.__wrapped__() is False
 
 
 @pytest.mark.skipif(not has_onednn_linear(), reason="this torch build has no oneDNN linear ops")
@@ -246,6 +263,7 @@ def test_model_with_onednn_linears_equals_it_with_f_linear(monkeypatch, make_mod
     from minirlhf.model.minimind import SharedPrompt
 
     monkeypatch.setattr(linear, "ONEDNN_MIN_MACS", 0)  # every product of this tiny model, however small
+    monkeypatch.setattr(linear, "onednn_beats_blas", lambda: True)  # and on oneDNN whatever this CPU is
     model = make_model(seed=0).train()
     assert type(model.lm_head(torch.randn(3, 64, requires_grad=True)).grad_fn).__name__ == (
         "_OneDNNLinearFunctionBackward")

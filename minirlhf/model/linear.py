@@ -1,15 +1,17 @@
-"""The models' linear layer: `nn.Linear` whose large float32 CPU products run on oneDNN.
+"""The models' linear layer: `nn.Linear` whose large float32 CPU products run on oneDNN where that is faster.
 
-PyTorch's CPU `F.linear` / `mm` in float32 calls MKL's sgemm, which on AMD CPUs takes a path far below the
-hardware's AVX-512 rate; oneDNN (bundled with PyTorch, `torch.ops.mkldnn`) reaches it. Measured on the 2-core AMD
-EPYC (Zen 5) these benchmarks run on, 2 threads, at training shapes (1800-4600 rows, 512 <-> 1024 features):
-MKL 200-230 GFLOP/s for every product; oneDNN 450-530 for y = x Wᵀ and dx = dy W, 320-430 for dW = dyᵀ x.
-`OneDNNLinear` sends those three products of a float32 CPU layer to oneDNN once a product is large enough to pay
-for oneDNN's per-call cost (below `ONEDNN_MIN_MACS`, e.g. one decode row, MKL is faster), and is `nn.Linear`
-everywhere else: on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), on ARM CPUs, or when
-the build lacks the ops. The native model is built with it; Hugging Face models get it by `use_onednn_linears`
-when loaded. Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same math in float32
-(another summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
+PyTorch's CPU `F.linear` / `mm` in float32 calls MKL's sgemm, which picks its code path by CPU vendor: on AMD CPUs
+it takes a path far below the hardware's AVX-512 rate, and oneDNN (bundled with PyTorch, `torch.ops.mkldnn`)
+reaches it. Measured on a 2-core AMD EPYC (Zen 5), 2 threads, at training shapes (1800-4600 rows, 512 <-> 1024
+features): MKL 200-230 GFLOP/s for every product; oneDNN 450-530 for y = x Wᵀ and dx = dy W, 320-430 for dW = dyᵀ x.
+On Intel CPUs MKL is at home and oneDNN is not faster (a 2-core Xeon with AMX, same shapes: MKL 150-230, oneDNN
+120-205, dW 93-120 vs 131-183), so there the layer stays on MKL (`onednn_beats_blas`). `OneDNNLinear` sends the
+three products of a float32 CPU layer to oneDNN where it is faster and once a product is large enough to pay for
+oneDNN's per-call cost (below `ONEDNN_MIN_MACS`, e.g. one decode row, MKL is faster), and is `nn.Linear`
+everywhere else: on Intel and ARM CPUs, on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), or
+when the build lacks the ops. The native model is built with it; Hugging Face models get it by
+`use_onednn_linears` when loaded. Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same
+math in float32 (another summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
 """
 
 from __future__ import annotations
@@ -31,6 +33,26 @@ def has_onednn_linear() -> bool:
     own BLAS, e.g. Accelerate on Apple silicon) and a torch build that has them."""
     return (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise") and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+@cache
+def cpu_vendor() -> str:
+    """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...; "" where unreadable)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+@cache
+def onednn_beats_blas() -> bool:
+    """Whether the fp32 training products go to oneDNN rather than MKL: oneDNN's ops are here and the CPU is not an
+    Intel one (where MKL takes its fast path; see the module docstring for the rates on both)."""
+    return has_onednn_linear() and cpu_vendor() != "GenuineIntel"
 
 
 def cpu_autocast_on() -> bool:
@@ -63,12 +85,13 @@ class _OneDNNLinearFunction(torch.autograd.Function):
 
 
 class OneDNNLinear(nn.Linear):
-    """`nn.Linear` whose float32 CPU products (forward and backward) run on oneDNN when large enough."""
+    """`nn.Linear` whose float32 CPU products (forward and backward) run on oneDNN where it beats MKL and the product
+    is large enough."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (ONEDNN_CPU_LINEARS and x.device.type == "cpu" and x.dtype == self.weight.dtype == torch.float32
                 and not cpu_autocast_on() and x.numel() * self.weight.shape[0] >= ONEDNN_MIN_MACS
-                and has_onednn_linear()):
+                and onednn_beats_blas()):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
