@@ -382,3 +382,43 @@ def test_mix_into_reference_by_hand(make_model):
     for name, param in reference.named_parameters():
         expected = 0.25 * dict(policy.named_parameters())[name] + 0.75 * before[name]
         torch.testing.assert_close(param, expected)
+
+
+def test_precomputed_reference_covers_the_visited_pairs_and_trains_as_a_live_reference(tmp_path, task_data,
+                                                                                          start_model_dir):
+    """Reference log-probs are precomputed only for the pairs the run's steps visit (NaN elsewhere, so reading one
+    it never computed would fail loudly as a non-finite loss), equal a live frozen reference's on those pairs, and
+    a run with them trains exactly as one holding the live reference (the same losses step by step)."""
+    import json
+
+    from minirlhf.algorithms.dpo import DPO, DPOConfig, pair_sequence_logprobs
+    from minirlhf.config import build_config
+    from minirlhf.model import load_policy
+    from minirlhf.stages import STAGES
+    from minirlhf.tokenizer import Tokenizer
+
+    policy = load_policy(start_model_dir)
+    tokenizer = Tokenizer.load(start_model_dir)
+    records = [json.loads(line) for line in task_data["pref"].read_text().splitlines()[:12]]
+    pairs = tokenize_pairs(tokenizer, [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"],
+                                                      r["rejected"]) for r in records], 128)
+    algo = DPO(policy, policy, tokenizer, pairs, [], [], DPOConfig(steps=2, batch_size=2, grad_accum=2, seed=3))
+    visited = sorted({i for step in range(2) for idx in algo.batches.indices(step) for i in idx})
+    assert len(visited) == 8
+    chosen, rejected = algo.ref_logps
+    assert torch.isnan(chosen).tolist() == torch.isnan(rejected).tolist() == [i not in visited for i in range(12)]
+    expected = pair_sequence_logprobs(policy, [pairs[i] for i in visited], tokenizer.pad_id)
+    torch.testing.assert_close(chosen[visited], expected[0])
+    torch.testing.assert_close(rejected[visited], expected[1])
+
+    cls, run = STAGES["dpo"]
+
+    def losses(out: str, precompute: bool) -> list[float]:
+        run(build_config(cls, {"model": str(start_model_dir), "data": str(task_data["pref"]),
+                               "out_dir": str(tmp_path / out), "steps": 3, "batch_size": 4, "lr": 1e-2,
+                               "warmup_steps": 0, "device": "cpu", "progress": False, "precompute_ref": precompute},
+                         where="dpo"))
+        return [json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    assert losses("precomputed", True) == pytest.approx(losses("live", False), abs=1e-6)
