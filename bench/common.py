@@ -24,7 +24,8 @@ def task_tokenizer(vocab_size: int) -> Tokenizer:
 def matmul_gflops(hidden: int, rows: int = 4096, repeats: int = 20) -> dict[str, float]:
     """The fp32 rates this machine reaches at the model's shape ((rows, hidden) x (hidden, 2·hidden), the current
     torch threads), by stock `F.linear` (MKL sgemm on x86; what HF models and TRL use) and by oneDNN (what our
-    model's linears use on CPU, `minirlhf.model.linear`); a training step's GFLOP/s is read against the higher."""
+    model's linears use on non-Intel x86 CPUs, `minirlhf.model.linear`); a training step's GFLOP/s is read against
+    the higher."""
     from minirlhf.model.linear import has_onednn_linear, onednn_linear
 
     x, w = torch.randn(rows, hidden), torch.randn(2 * hidden, hidden)

@@ -30,7 +30,7 @@ With `--rounds` > 1 the engines alternate (ours, TRL, ours, ...) with fresh mode
 
 Prints one JSON object; `speedup` = our steps/s / TRL's steps/s; GFLOP/s of the nominal work against the fp32
 matmul rates measured at the model's shape (stock `F.linear`, which TRL's model uses, and oneDNN, which ours uses
-on CPU: `minirlhf.model.linear`; `--aten-linears` runs ours on stock `F.linear` too).
+on non-Intel x86 CPUs: `minirlhf.model.linear`; `--aten-linears` runs ours on stock `F.linear` too).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ Each precision is compared like for like: `fp32` (both engines in float32) and `
 copies of its weights, `generate(..., dtype=torch.bfloat16)`; HF runs the model cast to bfloat16). On CPU our
 decode step multiplies by fused q/k/v and gate/up matrices packed once per call for oneDNN
 (`minirlhf.generation.decode`; packing is inside the timed call) and the prefill's products run on oneDNN
-(`minirlhf.model.linear`); `--plain` also times ours with both switched off (stock `F.linear`, as HF uses), so
-the effects can be told apart.
+(`minirlhf.model.linear`, non-Intel x86 CPUs); `--plain` also times ours with both switched off (stock
+`F.linear`, as HF uses), so the effects can be told apart.
 
     python bench/generate.py [--preset mini --batch 16 --prompt-len 32 --new-tokens 128 --runs 3 --dtype both]
 

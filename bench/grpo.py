@@ -37,8 +37,8 @@ encoding are outside the timed window. With `--rounds` > 1 the engines alternate
 
 Prints one JSON object; `speedup` = TRL seconds/step / our seconds/step; GFLOP/s of the nominal work (see
 `nominal_gflop_per_step`) against the fp32 matmul rates measured at the model's shape (stock `F.linear`, which
-TRL's model uses, and oneDNN, which ours uses on CPU: `minirlhf.model.linear`; `--aten-linears` runs ours on
-stock `F.linear` too, to tell that apart from the rest).
+TRL's model uses, and oneDNN, which ours uses on non-Intel x86 CPUs: `minirlhf.model.linear`; `--aten-linears`
+runs ours on stock `F.linear` too, to tell that apart from the rest).
 """
 
 from __future__ import annotations
