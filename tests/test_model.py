@@ -251,6 +251,7 @@ def test_training_products_go_to_onednn_only_off_intel(monkeypatch, vendor, oned
     assert linear.onednn_beats_blas.__wrapped__() is onednn
     monkeypatch.setattr(linear, "has_onednn_linear", lambda: False)
     assert linear.onednn_beats_blas.__wrapped__() is False
+    assert linear.cpuinfo("no such field") == ""
 
 
 @pytest.mark.skipif(not has_onednn_linear(), reason="this torch build has no oneDNN linear ops")

@@ -174,8 +174,7 @@ class DPO(Algorithm):
 
     def _visited_pair_logprobs(self, reference: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """The reference's (chosen, rejected) log-probs, indexed by pair, computed for the pairs this process's
-        `cfg.steps` steps visit and NaN for the rest (a run of 40 steps x 16 pairs reads 640 of the demo's 4000:
-        computing them all took longer than the training)."""
+        `cfg.steps` steps visit and NaN for the rest (the demo's 40 steps x 16 pairs read 640 of its 4000 pairs)."""
         visited = sorted({i for step in range(self.cfg.steps) for idx in self.batches.indices(step) for i in idx})
         rows = [self.pairs[i] for i in visited]
         chosen, rejected = pair_sequence_logprobs(reference, rows, self.tokenizer.pad_id)[:2]

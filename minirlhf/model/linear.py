@@ -5,11 +5,11 @@ it takes a path far below the hardware's AVX-512 rate, and oneDNN (bundled with 
 reaches it. Measured on a 2-core AMD EPYC (Zen 5), 2 threads, at training shapes (1800-4600 rows, 512 <-> 1024
 features): MKL 200-230 GFLOP/s for every product; oneDNN 450-530 for y = x Wᵀ and dx = dy W, 320-430 for dW = dyᵀ x.
 On Intel CPUs MKL is at home and oneDNN is not faster (a 2-core Xeon with AMX, same shapes: MKL 150-230, oneDNN
-120-205, dW 93-120 vs 131-183), so there the layer stays on MKL (`onednn_beats_blas`). `OneDNNLinear` sends the
-three products of a float32 CPU layer to oneDNN where it is faster and once a product is large enough to pay for
-oneDNN's per-call cost (below `ONEDNN_MIN_MACS`, e.g. one decode row, MKL is faster), and is `nn.Linear`
-everywhere else: on Intel and ARM CPUs, on CUDA, in bf16 or under autocast (bf16 `mm` already runs on oneDNN), or
-when the build lacks the ops. The native model is built with it; Hugging Face models get it by
+120-205; dW = dyᵀ x: MKL 131-183, oneDNN 93-120), so there the layer stays on MKL (`onednn_beats_blas`).
+`OneDNNLinear` sends the three products of a float32 CPU layer to oneDNN where it is faster and once a product is
+large enough to pay for oneDNN's per-call cost (below `ONEDNN_MIN_MACS`, e.g. one decode row, MKL is faster), and
+is `nn.Linear` everywhere else: on Intel and ARM CPUs, on CUDA, in bf16 or under autocast (bf16 `mm` already runs
+on oneDNN), or when the build lacks the ops. The native model is built with it; Hugging Face models get it by
 `use_onednn_linears` when loaded. Same parameters, state dict, HF export and LoRA targets as `nn.Linear`; same
 math in float32 (another summation order: results differ from MKL's by float32 rounding, ~1e-6 relative).
 """
@@ -36,16 +36,22 @@ def has_onednn_linear() -> bool:
 
 
 @cache
-def cpu_vendor() -> str:
-    """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...; "" where unreadable)."""
+def cpuinfo(field: str) -> str:
+    """The first CPU's `field` in /proc/cpuinfo ("vendor_id": "GenuineIntel", "AuthenticAMD", ...; "flags": the
+    instruction-set flags), "" where there is no such file or field (macOS, Windows)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor() -> str:
+    return cpuinfo("vendor_id")
 
 
 @cache
