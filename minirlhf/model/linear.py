@@ -51,6 +51,7 @@ def cpuinfo(field: str) -> str:
 
 
 def cpu_vendor() -> str:
+    """The CPU's vendor ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo does not say)."""
     return cpuinfo("vendor_id")
 
 
