@@ -246,12 +246,12 @@ def test_training_products_go_to_onednn_only_off_intel(monkeypatch, vendor, oned
     so fp32 training products go to oneDNN only on non-Intel x86-64 CPUs that have its ops."""
     from minirlhf.model import linear
 
-    monkeypatch.setattr(linear, "cpu_vendor", lambda: vendor)
+    assert linear.cpuinfo("no such field") == ""
+    monkeypatch.setattr(linear, "cpuinfo", lambda field: vendor if field == "vendor_id" else "")
     monkeypatch.setattr(linear, "has_onednn_linear", lambda: True)
     assert linear.onednn_beats_blas.__wrapped__() is onednn
     monkeypatch.setattr(linear, "has_onednn_linear", lambda: False)
     assert linear.onednn_beats_blas.__wrapped__() is False
-    assert linear.cpuinfo("no such field") == ""
 
 
 @pytest.mark.skipif(not has_onednn_linear(), reason="this torch build has no oneDNN linear ops")

@@ -50,16 +50,11 @@ def cpuinfo(field: str) -> str:
     return ""
 
 
-def cpu_vendor() -> str:
-    """The CPU's vendor ("GenuineIntel", "AuthenticAMD", ...; "" where /proc/cpuinfo does not say)."""
-    return cpuinfo("vendor_id")
-
-
 @cache
 def onednn_beats_blas() -> bool:
     """Whether the fp32 training products go to oneDNN rather than MKL: oneDNN's ops are here and the CPU is not an
     Intel one (where MKL takes its fast path; see the module docstring for the rates on both)."""
-    return has_onednn_linear() and cpu_vendor() != "GenuineIntel"
+    return has_onednn_linear() and cpuinfo("vendor_id") != "GenuineIntel"
 
 
 def cpu_autocast_on() -> bool:
