@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from minirlhf.algorithms import sft
 from minirlhf.algorithms.sft import LanguageModeling, LMConfig, lm_loss, tokenize_conversations
@@ -124,3 +125,28 @@ def test_short_sft_run_lowers_the_loss(tmp_path, task_data, start_model_dir):
     final = tmp_path / "sft" / "final"
     model = MiniMindLM.from_pretrained(final)
     assert model.config.vocab_size == Tokenizer.load(final).vocab_size == 320
+
+
+def test_interim_evaluations_use_the_first_prompts_and_leave_training_unchanged(tmp_path, task_data,
+                                                                                 start_model_dir, monkeypatch):
+    """`interim_eval_samples`: the evaluations every `eval_every` steps generate for the first N held-out prompts,
+    the final one for all `eval_samples`; the trained weights and losses are those of a run evaluating all."""
+    seen = []
+
+    def recording_metrics(model, tokenizer, examples, max_new_tokens, sampled):
+        seen.append(([e.prompt for e in examples], sampled))
+        return {"accuracy": 0.0}
+
+    monkeypatch.setattr(sft, "task_metrics", recording_metrics)
+    common = dict(eval_data=str(task_data["heldout_rl"]), eval_samples=5, eval_every=4, steps=8)
+    sft.run(sft_config(tmp_path / "all", task_data, start_model_dir, **common))
+    everything = [prompts for prompts, _ in seen]
+    seen.clear()
+    sft.run(sft_config(tmp_path / "interim", task_data, start_model_dir, interim_eval_samples=2, **common))
+    assert len(everything[0]) == 5 and everything[1] == everything[0]
+    assert seen == [(everything[0][:2], False), (everything[0], True)]
+    assert [r.get("loss") for r in read_metrics(tmp_path / "all")] == \
+        [r.get("loss") for r in read_metrics(tmp_path / "interim")]
+    weights = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("all", "interim")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

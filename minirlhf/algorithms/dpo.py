@@ -37,7 +37,7 @@ from ..model import frozen_reference
 from ..model.minimind import SharedPrompt
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig, train
+from ..train.loop import Algorithm, TrainConfig, evaluated, train
 from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
 
@@ -235,7 +235,8 @@ class DPO(Algorithm):
             metrics.update(implicit_reward_accuracy(self.policy, self.eval_pairs, ref, self.cfg.beta,
                                                     self.tokenizer.pad_id, self.cfg.loss_type, self.cfg.simpo_gamma))
         if self.eval_prompts:
-            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens,
+            metrics.update(task_metrics(self.policy, self.tokenizer, evaluated(self.eval_prompts, self.cfg, final),
+                                        self.cfg.max_new_tokens,
                                         sampled=final))
         return metrics
 

@@ -36,7 +36,7 @@ from ..rewards.base import overlong_penalty
 from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig
+from ..train.loop import Algorithm, TrainConfig, evaluated
 from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
 from .experience import Experience
@@ -403,7 +403,8 @@ class OnlineRL(Algorithm):
             if values:
                 metrics[key] = sum(values) / len(values)
         if self.eval_prompts:
-            metrics.update(task_metrics(self.policy, self.tokenizer, self.eval_prompts, self.cfg.max_new_tokens_eval,
+            metrics.update(task_metrics(self.policy, self.tokenizer, evaluated(self.eval_prompts, self.cfg, final),
+                                        self.cfg.max_new_tokens_eval,
                                         sampled=final))
         return metrics
 

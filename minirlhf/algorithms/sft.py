@@ -22,7 +22,7 @@ from ..model import MiniMindLM, preset
 from ..rewards.judge import judge_agreement
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig, resolve_device, seed_everything, train
+from ..train.loop import Algorithm, TrainConfig, evaluated, resolve_device, seed_everything, train
 from ..train.start import load_start
 
 
@@ -87,9 +87,10 @@ class LanguageModeling(Algorithm):
         if not self.eval_examples:
             return {}
         if self.cfg.mode == "sft" and self.cfg.eval_kind == "judge":
-            return judge_agreement(self.model, self.tokenizer, self.eval_examples)
+            return judge_agreement(self.model, self.tokenizer, evaluated(self.eval_examples, self.cfg, final))
         if self.cfg.mode == "sft":
-            return task_metrics(self.model, self.tokenizer, self.eval_examples, self.cfg.max_new_tokens, sampled=final)
+            return task_metrics(self.model, self.tokenizer, evaluated(self.eval_examples, self.cfg, final),
+                                self.cfg.max_new_tokens, sampled=final)
         losses = [float(self.loss(self._collate(self.eval_examples[i:i + 32]))[0])
                   for i in range(0, len(self.eval_examples), 32)]
         return {"loss": sum(losses) / len(losses)}

@@ -18,10 +18,11 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from safetensors.torch import load_model
@@ -33,6 +34,8 @@ from ..errors import SetupError
 from ..model.lora import LoRAConfig, save_final
 from . import checkpoint as ckpt
 from . import distributed
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -56,6 +59,8 @@ class TrainConfig:
     seed: int = field(0, "seed for init, data order and sampling")
     device: str = field("auto", "auto | cpu | cuda | cuda:N")
     eval_every: int = field(0, "evaluate every N steps (0 = only at the end)", min=0)
+    interim_eval_samples: int = field(0, "held-out prompts the generating evaluations every `eval_every` steps use "
+                                         "(the first N; 0 = all): cheaper curves; the final evaluation uses all", min=0)
     save_every: int = field(0, "checkpoint every N steps (0 = only the final model)", min=0)
     keep_checkpoints: int = field(2, "how many step checkpoints to keep", min=1)
     resume: bool = field(False, "continue from the latest checkpoint in out_dir")
@@ -207,10 +212,10 @@ class MetricsLog:
 STATE_KEYS = {"step", "bad_steps", "optimizer", "scheduler", "rng_torch", "rng_python", "algorithm"}
 # Options that do not change what a run computes: a resumed run may change them freely.
 RESUME_SAFE_OPTIONS = {"steps", "epochs", "resume", "allow_config_change", "overwrite", "progress", "report_to",
-                       "eval_every", "save_every", "keep_checkpoints", "device", "max_bad_steps", "eval_data",
-                       "eval_samples", "eval_prompts", "eval_pref_data", "max_new_tokens_eval", "out_dir",
-                       "batch_size", "grad_accum", "parallel", "gradient_checkpointing", "vllm_gpu_memory",
-                       "max_minutes", "share_prompts"}
+                       "eval_every", "interim_eval_samples", "save_every", "keep_checkpoints", "device",
+                       "max_bad_steps", "eval_data", "eval_samples", "eval_prompts", "eval_pref_data",
+                       "max_new_tokens_eval", "out_dir", "batch_size", "grad_accum", "parallel",
+                       "gradient_checkpointing", "vllm_gpu_memory", "max_minutes", "share_prompts"}
 
 
 def run_identity(name: str, cfg: TrainConfig) -> dict[str, Any]:
@@ -425,6 +430,13 @@ def _load_weights(module: nn.Module, directory: Path) -> None:
         module.load_weights(directory)
     else:
         load_model(module, str(directory / "model.safetensors"), strict=True)
+
+
+def evaluated(items: Sequence[T], cfg: TrainConfig, final: bool) -> Sequence[T]:
+    """The held-out items an evaluation generates for: all at the end, the first `interim_eval_samples` (when set)
+    during training. Evaluation draws from its own seeded generator, so a smaller interim set leaves training
+    exactly as it was."""
+    return items if final or not cfg.interim_eval_samples else items[:cfg.interim_eval_samples]
 
 
 def _evaluate(algo: Algorithm, final: bool) -> dict[str, float]:
