@@ -20,8 +20,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/minirlhf demo --config configs/rlhf.yaml
 
-# Two workers, one test file each at a time, in collection order: the learning tests (one module-scoped
-# pipeline, the longest file; conftest.py puts it first) run on one worker while the other runs the rest.
+# Two workers, one test file each at a time, in collection order (conftest.py): the first learning file, whose
+# worker builds the shared pretrain + SFT pipeline, then everything else on the other worker, then the second
+# learning file on whichever worker is free. Every test runs on one thread: two threads per worker on two cores
+# made the learning pipeline 2x slower.
 test: $(STAMP)
 	$(VENV)/bin/ruff check minirlhf tests bench
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests

@@ -1,11 +1,12 @@
 """Shared fixtures: a tiny model factory, a small BPE tokenizer trained on the embedded task, task data files,
 and a saved starting model (weights + tokenizer) for short training runs.
 
-Everything is seeded and small so the whole suite runs in well under a minute on two CPU cores.
+Everything is seeded and small; the learning tests (tests/learning.py) share one pretrained + SFT pipeline.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -84,10 +85,31 @@ def exploit():
     return _Exploit
 
 
-SLOWEST_FIRST = ("test_learning.py",)
+@pytest.fixture(scope="session")
+def learning_pipeline(tmp_path_factory, worker_id) -> dict:
+    """The learning tests' start (tests/learning.py `build_pipeline`: the demo's pretraining and SFT, minutes),
+    built once per test session. Under xdist the first worker to ask builds it in the session's shared temp dir
+    while another waits on a file lock, then reads what the first wrote."""
+    from filelock import FileLock
+    from learning import build_pipeline
+
+    if worker_id == "master":  # no xdist
+        return build_pipeline(tmp_path_factory.mktemp("learning"))
+    root = tmp_path_factory.getbasetemp().parent / "learning"
+    done = root / "sft_metrics.json"
+    with FileLock(f"{root}.lock"):
+        if not done.is_file():
+            sft = build_pipeline(root)["sft"]
+            done.write_text(json.dumps(sft))
+    return {"root": root, "sft": json.loads(done.read_text())}
+
+
+# With `make test`'s two xdist workers and `--no-loadscope-reorder`, files go to the workers in this order: the
+# first learning file (whose worker builds the shared pipeline, minutes, then trains its methods) first, the
+# second last, so that the other worker runs everything else while the pipeline is built and then shares the
+# learning tests' second half.
+FIRST, LAST = "test_learning.py", "test_learning_judge_and_surrogates.py"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The learning tests (minutes, one module-scoped pipeline) first: with `make test`'s two xdist workers
-    and `--no-loadscope-reorder`, one worker runs them while the other runs everything else."""
-    items.sort(key=lambda item: item.path.name not in SLOWEST_FIRST)
+    items.sort(key=lambda item: (item.path.name != FIRST) + (item.path.name == LAST))
