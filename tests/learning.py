@@ -28,8 +28,8 @@ from minirlhf.stages import STAGES
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rlhf.yaml"
 HELD_OUT = 200
 # The demo's pretraining and SFT as they are (a shorter start leaves working too weak to pay off), then each
-# method for no more steps than the demo gives it.
-FEWER_STEPS = {"rm": 40, "dpo": 30, "ppo": 24, "grpo": 10, "spo": 12, "online-dpo": 10, "judge": 32, "rlaif": 12}
+# method for no more steps than the demo gives it (the judge keeps its 48: at 32 it agreed only 0.735 in CI).
+FEWER_STEPS = {"rm": 40, "dpo": 30, "ppo": 24, "grpo": 10, "spo": 12, "online-dpo": 10, "rlaif": 12}
 
 
 def run_stage(root: Path, stage: str, **values) -> dict[str, float]:
