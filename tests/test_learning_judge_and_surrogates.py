@@ -20,7 +20,7 @@ def test_judge_learns_the_rubric_styles_and_rlaif_follows_its_score_alone(learni
     # measured 0.845; rating every reply bad agrees 0.60, judging the styles right and slips as good 0.85
     assert judge["agreement"] >= 0.75
     result = run_stage(learning_pipeline["root"], "rlaif", eval_samples=HELD_OUT)  # reward: judge:1, no answer checking
-    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.69 (0.795) in 12 steps
+    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.575 (0.700) in 12 steps
 
 
 FOCUS_PROMPTS, FOCUS_SAMPLES = 16, 8
