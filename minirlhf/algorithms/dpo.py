@@ -236,8 +236,7 @@ class DPO(Algorithm):
                                                     self.tokenizer.pad_id, self.cfg.loss_type, self.cfg.simpo_gamma))
         if self.eval_prompts:
             metrics.update(task_metrics(self.policy, self.tokenizer, evaluated(self.eval_prompts, self.cfg, final),
-                                        self.cfg.max_new_tokens,
-                                        sampled=final))
+                                        self.cfg.max_new_tokens, sampled=final))
         return metrics
 
 def run(cfg: DPOConfig) -> dict[str, float]:

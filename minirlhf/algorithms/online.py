@@ -404,8 +404,7 @@ class OnlineRL(Algorithm):
                 metrics[key] = sum(values) / len(values)
         if self.eval_prompts:
             metrics.update(task_metrics(self.policy, self.tokenizer, evaluated(self.eval_prompts, self.cfg, final),
-                                        self.cfg.max_new_tokens_eval,
-                                        sampled=final))
+                                        self.cfg.max_new_tokens_eval, sampled=final))
         return metrics
 
     def after_step(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
