@@ -239,6 +239,7 @@ class DPO(Algorithm):
                                         self.cfg.max_new_tokens, sampled=final))
         return metrics
 
+
 def run(cfg: DPOConfig) -> dict[str, float]:
     if not cfg.data or not cfg.model:
         raise ValueError("dpo: set `model` (the SFT model dir) and `data` (preference JSONL)")
