@@ -22,8 +22,8 @@ demo: $(STAMP)
 
 # Two workers, one test file each at a time, in collection order (conftest.py): the first learning file, whose
 # worker builds the shared pretrain + SFT pipeline, then everything else on the other worker, then the second
-# learning file on whichever worker is free. Every test runs on one thread: two threads per worker on two cores
-# made the learning pipeline 2x slower.
+# learning file on whichever worker is free. Every test runs on one thread (two threads per worker on two cores
+# made the learning pipeline 2x slower), except the pipeline's SFT, which starts when the other worker is idle.
 test: $(STAMP)
 	$(VENV)/bin/ruff check minirlhf tests bench
 	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder tests
