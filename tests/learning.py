@@ -11,14 +11,14 @@ Every stage runs with its section of configs/rlhf.yaml (what `make demo` runs) o
 shortened to keep the suite fast (FEWER_STEPS per method), on 200 held-out problems, without intermediate
 evaluation, on one thread as every test (conftest.py: with two threads beside the other test worker, pretraining
 ran 2x slower) except SFT. Every method starts from one pretrained + SFT policy (`build_pipeline`), built once
-per test session and shared by the test workers (conftest's `learning_pipeline`). CPU runs are deterministic; the values
-measured (on the 2-core Intel Xeon of README "Speed") are noted next to each assert, whose bounds leave room for
-other CPU kernels and thread counts (the issue tracker saw 5-10 points of float-rounding spread between machines).
+per test session and shared by the test workers (conftest's `learning_pipeline`). CPU runs are deterministic;
+the values measured (on the 2-core Intel Xeon of README "Speed") are noted next to each assert, whose bounds
+leave room for other CPU kernels and thread counts (the issue tracker saw 5-10 points of float-rounding spread
+between machines).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +28,7 @@ import torch
 
 from minirlhf.config import load_stage_config
 from minirlhf.stages import STAGES
+from minirlhf.train.plots import read_metrics
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "rlhf.yaml"
 HELD_OUT = 200
@@ -73,7 +74,8 @@ def torch_threads(count: int) -> Iterator[None]:
 
 
 def metrics(out_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    """The rows a stage logged to out_dir/metrics.jsonl."""
+    return read_metrics(out_dir / "metrics.jsonl")
 
 
 def gain(result: dict, start: dict) -> tuple[float, float]:
