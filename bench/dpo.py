@@ -11,8 +11,8 @@ is prompt + response + <|im_end|>, with the loss on the response and <|im_end|>.
 
 Settings made equal: batch size (pairs per optimizer step, one micro-batch), max length, β, sigmoid loss,
 learning rate, AdamW (`torch.optim.AdamW`, non-fused, betas 0.9/0.95, no weight decay: TRL's `optim` is set
-to `adamw_torch`), gradient clipping at 1.0, fp32 (TRL's bf16 default off; `--bf16`: both under bf16 autocast,
-ours `bf16=true`, TRL `bf16=True`) and no gradient checkpointing
+to `adamw_torch`), gradient clipping at 1.0, fp32 (ours `precision=fp32`, TRL `bf16=False`; `--bf16`: both under bf16
+autocast, ours `precision=bf16`, TRL `bf16=True`) and no gradient checkpointing
 (TRL's default on, turned off). Reference log-probs are precomputed once before training by both (ours:
 `precompute_ref`, TRL: `precompute_ref_log_probs`), so neither runs a reference model during training;
 `--live-ref` turns precompute off for both, and each then runs a frozen copy of the initial model every step.
@@ -65,7 +65,8 @@ def steps_per_second(step_ends: list[float], warmup: int) -> float:
 
 def run_ours(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out_dir: Path) -> dict:
     cfg = DPOConfig(out_dir=str(out_dir), steps=args.steps, batch_size=args.batch, grad_accum=1, lr=args.lr,
-                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.bf16, seed=args.seed, device="cpu",
+                    warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, precision="bf16" if args.bf16 else "fp32",
+                    seed=args.seed, device="cpu",
                     progress=False, max_len=args.max_len, beta=args.beta, loss_type="sigmoid",
                     precompute_ref=not args.live_ref, share_prompts=not args.no_share_prompts)
     tokenized = tokenize_pairs(tokenizer, pairs, cfg.max_len)

@@ -15,8 +15,8 @@ num_iterations 1). A step therefore includes generation, reward scoring, the ref
 one update per rollout), the policy forward/backward and the AdamW step. Equal settings: β, temperature
 (no top-k / top-p), ε = 0.2 clipping, loss aggregation `grpo` (TRL's default is `dapo`), group-scaled
 advantages, learning rate, AdamW (`torch.optim.AdamW`, betas 0.9/0.95: TRL's `optim` set to `adamw_torch`),
-clipping at 1.0, fp32 (TRL's bf16 default off; `--bf16` puts both in bf16: TRL's `bf16=True`, our `bf16=true`
-autocast plus `rollout_precision=bf16`), no gradient checkpointing (TRL's default on, turned off).
+clipping at 1.0, fp32 (TRL `bf16=False`, ours `precision=fp32`; `--bf16` puts both in bf16: TRL `bf16=True`, ours
+`precision=bf16` autocast plus `rollout_precision=bf16`), no gradient checkpointing (TRL's default on, turned off).
 
 The reward is answer correctness: ours is `build_reward("answer:1")` (`AnswerReward`), TRL gets a Python
 function that calls the same `AnswerReward.score` on the completion text. With random weights it is ~0.
@@ -73,7 +73,8 @@ def seconds_per_step(step_ends: list[float], warmup: int) -> float:
 
 def run_ours(initial: MiniMindLM, tokenizer: Tokenizer, prompts: list[PromptExample], args, out_dir: Path) -> dict:
     cfg = GRPOConfig(out_dir=str(out_dir), steps=args.steps, batch_size=args.prompts * args.group, grad_accum=1,
-                     lr=args.lr, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, bf16=args.bf16, seed=args.seed,
+                     lr=args.lr, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=args.seed,
+                     precision="bf16" if args.bf16 else "fp32",
                      device="cpu", progress=False, reward="answer:1", prompts_per_rollout=args.prompts,
                      epochs_per_rollout=1, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                      top_k=0, top_p=1.0, kl_coef=args.beta, clip_eps_low=0.2, clip_eps_high=0.2,

@@ -5,12 +5,12 @@ Start: the demo's SFT model and task data (`make demo` writes runs/demo/sft/fina
 it natively; TRL trains the same weights exported with `export_hf` (a LlamaForCausalLM whose chat template renders
 our exact prompt ids). Same process, same torch threads, same prompts (rl.jsonl, conversational), same reward
 (the demo's answer:1,working:0.2: TRL gets a function calling the same `WeightedSum.score`), and the demo's GRPO
-settings for both: 16 prompts x 8 completions per optimizer step in one micro-batch, T = 0.7, 48 new tokens with
-EOS stopping, lr 1e-4 constant, β = 0.04 (both hold a reference), ε = 0.2, `grpo` aggregation, group-scaled
-advantages, AdamW (betas 0.9/0.95), clipping at 1.0, fp32 training, no gradient checkpointing, one update per
-rollout. Ours samples with its default `rollout_precision=auto` (bf16 weights where the CPU multiplies bf16 natively,
-with the truncated importance-sampling correction; `--rollout-precision fp32` for fp32 rollouts), TRL with
-HF `generate` in fp32, its default.
+settings for both: 16 prompts x 8 completions per optimizer step in one micro-batch, T = 0.7, 48 new tokens with EOS
+stopping, lr 1e-4 constant, β = 0.04 (both hold a reference), ε = 0.2, `grpo` aggregation, group-scaled advantages,
+AdamW (betas 0.9/0.95), clipping at 1.0, fp32 training (ours `precision=fp32`), no gradient checkpointing, one
+update per rollout. Ours samples with its default `rollout_precision=auto` (bf16 weights where the CPU multiplies
+bf16 natively, with the truncated importance-sampling correction; `--rollout-precision fp32` for fp32 rollouts), TRL
+with HF `generate` in fp32, its default.
 Each engine trains until its first optimizer step that ends past `--minutes` of training (ours:
 `max_minutes`; TRL: a callback that stops training), setup excluded. Then the SFT start and both results are
 scored on the same held-out problems by the same `task_metrics` (greedy accuracy ± s.e.; TRL's result loaded
@@ -50,9 +50,9 @@ GROUP, PROMPTS, TEMPERATURE, NEW_TOKENS, LR, BETA, REWARD = 8, 16, 0.7, 48, 1e-4
 def run_ours(sft: Path, tokenizer: Tokenizer, prompts, args, out_dir: Path) -> dict:
     cfg = GRPOConfig(out_dir=str(out_dir), steps=100_000, max_minutes=args.minutes, batch_size=PROMPTS * GROUP,
                      grad_accum=1, lr=LR, min_lr_ratio=1.0, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                     seed=args.seed, device="cpu", progress=False, reward=REWARD, prompts_per_rollout=PROMPTS,
-                     group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE, kl_coef=BETA,
-                     clip_eps_low=0.2, clip_eps_high=0.2, loss_type="grpo", scale_rewards="group",
+                     precision="fp32", seed=args.seed, device="cpu", progress=False, reward=REWARD,
+                     prompts_per_rollout=PROMPTS, group_size=GROUP, max_new_tokens=NEW_TOKENS, temperature=TEMPERATURE,
+                     kl_coef=BETA, clip_eps_low=0.2, clip_eps_high=0.2, loss_type="grpo", scale_rewards="group",
                      rollout_precision=args.rollout_precision)
     policy = load_policy(sft).train()
     reference = load_policy(sft).eval().requires_grad_(False)

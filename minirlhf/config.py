@@ -1,7 +1,7 @@
 """Configs: dataclasses whose fields carry their help text, filled from YAML plus `key=value` overrides.
 
 `configs/rlhf.yaml` has one section per stage; `load_stage_config(StageConfig, path, "sft", overrides)`
-reads a section, applies overrides (values parsed as YAML, so `lr=1e-4` is a float and `bf16=true` a
+reads a section, applies overrides (values parsed as YAML, so `lr=1e-4` is a float and `resume=true` a
 bool), checks types and ranges, and rejects unknown keys with the list of valid ones.
 """
 
@@ -35,7 +35,7 @@ def field(default: Any, help: str, **kwargs) -> Any:  # noqa: A002 - mirrors arg
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """['lr=1e-4', 'bf16=true', 'lora.r=8'] -> {'lr': 0.0001, 'bf16': True, 'lora': {'r': 8}}."""
+    """['lr=1e-4', 'resume=true', 'lora.r=8'] -> {'lr': 0.0001, 'resume': True, 'lora': {'r': 8}}."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")

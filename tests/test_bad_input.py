@@ -211,7 +211,7 @@ def test_unreadable_data_file(case, make, expected, tmp_path, start_model_dir):
 CONFIG_FAULTS = [
     ("unknown-key", "sft", {"learning_rate": 0.1}, ["sft: unknown key(s) ['learning_rate']", "valid keys"]),
     ("wrong-type", "sft", {"steps": "ten"}, ["sft.steps: expected int, got 'ten'"]),
-    ("wrong-type-bool", "sft", {"bf16": "maybe"}, ["sft.bf16: expected bool, got 'maybe'"]),
+    ("wrong-type-bool", "sft", {"resume": "maybe"}, ["sft.resume: expected bool, got 'maybe'"]),
     ("bad-choice", "dpo", {"loss_type": "kto"}, ["dpo.loss_type: 'kto' is not one of"]),
     ("dpo-negative-beta", "dpo", {"beta": -0.1}, ["dpo.beta: -0.1 is below the minimum 0"]),
     ("grpo-group-size-1", "grpo", {"group_size": 1}, ["grpo.group_size: 1 is below the minimum 2"]),

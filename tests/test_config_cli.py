@@ -38,7 +38,7 @@ def test_unknown_key_lists_valid_keys():
 @pytest.mark.parametrize("values,match", [
     ({"steps": "ten"}, r"sft\.steps: expected int, got 'ten'"),
     ({"steps": True}, r"sft\.steps: expected int, got True"),  # a bool is not an int here
-    ({"bf16": "yes"}, r"sft\.bf16: expected bool"),
+    ({"resume": "yes"}, r"sft\.resume: expected bool"),
     ({"lr": [1]}, r"sft\.lr: expected float"),
     ({"mode": "rlhf"}, r"sft\.mode: 'rlhf' is not one of \['pretrain', 'sft'\]"),
 ])
@@ -59,14 +59,14 @@ def test_out_of_range_values_are_rejected(values, match):
 
 
 def test_valid_values_are_converted_and_defaults_kept():
-    cfg = build_config(LMConfig, {"lr": 1, "steps": 7, "bf16": True, "mode": "pretrain"})
+    cfg = build_config(LMConfig, {"lr": 1, "steps": 7, "precision": "bf16", "mode": "pretrain"})
     assert cfg.lr == 1.0 and isinstance(cfg.lr, float)  # an int is accepted where a float is expected
-    assert (cfg.steps, cfg.bf16, cfg.mode, cfg.batch_size) == (7, True, "pretrain", 16)
+    assert (cfg.steps, cfg.precision, cfg.mode, cfg.batch_size) == (7, "bf16", "pretrain", 16)
 
 
 def test_overrides_are_parsed_as_yaml():
-    parsed = parse_overrides(["lr=0.0001", "bf16=true", "steps=20", "out_dir=runs/x", "data=", "resume=false"])
-    assert parsed == {"lr": 0.0001, "bf16": True, "steps": 20, "out_dir": "runs/x", "data": "", "resume": False}
+    parsed = parse_overrides(["lr=0.0001", "progress=true", "steps=20", "out_dir=runs/x", "data=", "resume=false"])
+    assert parsed == {"lr": 0.0001, "progress": True, "steps": 20, "out_dir": "runs/x", "data": "", "resume": False}
     assert isinstance(parsed["lr"], float) and isinstance(parsed["steps"], int)
     with pytest.raises(ConfigError, match="not key=value"):
         parse_overrides(["lr"])
@@ -76,8 +76,8 @@ def test_scientific_notation_override_is_a_float(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("sft:\n  lr: 5e-4\n")  # the same in a config file
     assert load_stage_config(TrainConfig, path, "sft", {}).lr == 5e-4
-    cfg = load_stage_config(TrainConfig, None, "sft", parse_overrides(["lr=1e-4", "bf16=true"]))
-    assert cfg.lr == 1e-4 and cfg.bf16 is True
+    cfg = load_stage_config(TrainConfig, None, "sft", parse_overrides(["lr=1e-4", "precision=fp32"]))
+    assert cfg.lr == 1e-4 and cfg.precision == "fp32"
 
 
 def test_load_stage_config_reads_a_section_and_overrides_win(tmp_path):
@@ -192,8 +192,8 @@ def _capture_stage(monkeypatch) -> list:
 
 def test_cli_overrides_reach_the_stage_config(sft_yaml, monkeypatch, capsys):
     seen = _capture_stage(monkeypatch)
-    assert main(["sft", "--config", str(sft_yaml), "lr=0.002", "bf16=true", "batch_size=3"]) == 0
-    assert (seen[0].lr, seen[0].bf16, seen[0].batch_size, seen[0].steps) == (0.002, True, 3, 1)
+    assert main(["sft", "--config", str(sft_yaml), "lr=0.002", "precision=bf16", "batch_size=3"]) == 0
+    assert (seen[0].lr, seen[0].precision, seen[0].batch_size, seen[0].steps) == (0.002, "bf16", 3, 1)
     assert seen[0].resume is False
     assert capsys.readouterr().out.strip() == "ok=1"
 

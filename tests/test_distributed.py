@@ -4,9 +4,10 @@ process with batch_size 2B, sample the same rollouts, and a 2-process checkpoint
 Measured on CPU: SFT and GRPO losses agree to ~1e-6 (different summation order in the gradient
 all-reduce); rewards are equal because every row draws the same sampling noise. Tolerance: 1e-5, or 1e-4 of
 the value (a grad norm of ~2 after a few steps at lr 1e-2 carries that rounding: 2.5e-5 relative measured).
-The online runs sample in fp32 (`rollout_precision=fp32`): a bf16 sampler rounds each product to bf16, so the
-last-bit differences of another per-process batch size (oneDNN's blocking) can move a logit by a bf16 step and,
-rarely, a sampled token; the process split is then visible in the samples, which fp32 keeps to float rounding.
+Every run trains in fp32 (`precision=fp32`) and the online runs sample in fp32 (`rollout_precision=fp32`): bf16
+rounds each product to bf16, so the last-bit differences of another per-process batch size (oneDNN's blocking)
+can move a logit by a bf16 step and, rarely, a sampled token; the process split is then visible in the losses
+and samples, which fp32 keeps to float rounding.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not inst
 
 def torchrun(nproc: int, stage: str, out_dir: Path, **overrides) -> None:
     args = [str(TORCHRUN), "--standalone", f"--nproc_per_node={nproc}", "-m", "minirlhf.cli", stage,
-            f"out_dir={out_dir}", "progress=false", "device=cpu", *[f"{k}={v}" for k, v in overrides.items()]]
+            f"out_dir={out_dir}", "progress=false", "device=cpu", "precision=fp32",
+            *[f"{k}={v}" for k, v in overrides.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=out_dir.parent)
     assert result.returncode == 0, result.stderr[-3000:]

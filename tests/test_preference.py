@@ -384,6 +384,31 @@ def test_mix_into_reference_by_hand(make_model):
         torch.testing.assert_close(param, expected)
 
 
+def test_precomputed_reference_log_probs_are_taken_in_the_losss_precision(task_data, start_model_dir):
+    """With `precision=bf16` the policy's log-probs in the loss come from a bf16 autocast forward; the reference's,
+    computed once up front, do too (else the implicit rewards would start off zero by bf16 rounding)."""
+    import json
+
+    from minirlhf.algorithms.dpo import DPO, DPOConfig, pair_sequence_logprobs
+    from minirlhf.model import load_policy
+    from minirlhf.tokenizer import Tokenizer
+
+    policy = load_policy(start_model_dir)
+    tokenizer = Tokenizer.load(start_model_dir)
+    records = [json.loads(line) for line in task_data["pref"].read_text().splitlines()[:4]]
+    pairs = tokenize_pairs(tokenizer, [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"],
+                                                      r["rejected"]) for r in records], 128)
+    by_precision = {}
+    for precision in ("bf16", "fp32"):
+        cfg = DPOConfig(steps=1, batch_size=4, precision=precision)
+        by_precision[precision] = DPO(policy, policy, tokenizer, pairs, [], [], cfg).ref_logps[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = pair_sequence_logprobs(policy, pairs, tokenizer.pad_id)[0]
+    assert torch.equal(by_precision["bf16"], in_bf16)
+    assert torch.equal(by_precision["fp32"], pair_sequence_logprobs(policy, pairs, tokenizer.pad_id)[0])
+    assert not torch.equal(by_precision["bf16"], by_precision["fp32"])
+
+
 def test_precomputed_reference_covers_the_visited_pairs_and_trains_as_a_live_reference(tmp_path, task_data,
                                                                                           start_model_dir):
     """Reference log-probs are precomputed only for the pairs the run's steps visit (NaN elsewhere, so reading one
@@ -402,7 +427,9 @@ def test_precomputed_reference_covers_the_visited_pairs_and_trains_as_a_live_ref
     records = [json.loads(line) for line in task_data["pref"].read_text().splitlines()[:12]]
     pairs = tokenize_pairs(tokenizer, [PreferencePair([{"role": "user", "content": r["prompt"]}], r["chosen"],
                                                       r["rejected"]) for r in records], 128)
-    algo = DPO(policy, policy, tokenizer, pairs, [], [], DPOConfig(steps=2, batch_size=2, grad_accum=2, seed=3))
+    # float32: in bf16 a product's rounding depends on how many rows ride with it (the precomputation batches 32)
+    cfg = DPOConfig(steps=2, batch_size=2, grad_accum=2, seed=3, precision="fp32")
+    algo = DPO(policy, policy, tokenizer, pairs, [], [], cfg)
     visited = sorted({i for step in range(2) for idx in algo.batches.indices(step) for i in idx})
     assert len(visited) == 8
     chosen, rejected = algo.ref_logps
@@ -416,7 +443,8 @@ def test_precomputed_reference_covers_the_visited_pairs_and_trains_as_a_live_ref
     def losses(out: str, precompute: bool) -> list[float]:
         run(build_config(cls, {"model": str(start_model_dir), "data": str(task_data["pref"]),
                                "out_dir": str(tmp_path / out), "steps": 3, "batch_size": 4, "lr": 1e-2,
-                               "warmup_steps": 0, "device": "cpu", "progress": False, "precompute_ref": precompute},
+                               "warmup_steps": 0, "device": "cpu", "progress": False, "precompute_ref": precompute,
+                               "precision": "fp32"},
                          where="dpo"))
         return [json.loads(line)["loss"] for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines()
                 if '"loss"' in line]

@@ -256,6 +256,61 @@ def test_logprobs_and_ratios_are_float32_under_bf16_autocast(make_model):
     assert torch.allclose(ratio[mask.bool()], torch.full_like(ratio[mask.bool()], math.exp(-0.01)), atol=1e-6)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_training_precision_auto_is_bf16_only_where_the_hardware_has_it(native, monkeypatch):
+    from minirlhf.generation import decode
+    from minirlhf.train.loop import TrainConfig, uses_bf16
+
+    monkeypatch.setattr(decode, "has_native_bf16", lambda device_type: native)
+    assert uses_bf16(TrainConfig(), "cpu") is native  # the default: auto
+    assert uses_bf16(TrainConfig(precision="bf16"), "cpu") and not uses_bf16(TrainConfig(precision="fp32"), "cpu")
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_native_attention_under_cpu_bf16_autocast_is_the_formula(padded, make_model, monkeypatch):
+    """Under CPU bf16 autocast the native model's attention skips SDPA's fused kernel (its bf16 backward is 3-4x
+    slower than float32's): short sequences take the materialised product (`masked_attention`), longer ones the
+    fused kernel in float32. Either way logits and gradients match the float32 model to bf16 rounding."""
+    import torch.nn.functional as F
+
+    from minirlhf.model import minimind
+
+    model = make_model(seed=0).train()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 64, (3, 12))
+    attention = torch.ones_like(ids)
+    if padded:
+        attention[1, :4] = 0  # left padding
+    fused_inputs = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        fused_inputs.append(q.dtype)
+        return sdpa(q, k, v, **kwargs)
+
+    monkeypatch.setattr(minimind.F, "scaled_dot_product_attention", spy)
+
+    def forward_backward(bf16: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(ids, attention_mask=attention).logits
+        (logits.float() * attention[..., None]).square().mean().backward()
+        return logits.float().detach(), [p.grad.clone() for p in model.parameters()]
+
+    exact, exact_grads = forward_backward(False)
+    assert fused_inputs == [torch.float32] * 2  # float32: the fused kernel, one call per layer
+    fused_inputs.clear()
+    for threshold, calls in ((1 << 23, []), (0, [torch.float32] * 2)):
+        monkeypatch.setattr(minimind, "MATERIALISED_SCORES_MAX", threshold)
+        logits, grads = forward_backward(True)
+        assert fused_inputs == calls
+        fused_inputs.clear()
+        real = attention.bool()
+        torch.testing.assert_close(logits[real], exact[real], atol=0.05, rtol=0.02)
+        for g, e in zip(grads, exact_grads):
+            assert (g - e).norm() <= 0.05 * e.norm() + 1e-6
+
+
 # ------------------------------------------------------------------------------------------------------
 # Safe loading
 

@@ -151,7 +151,7 @@ def test_dpo_pairs_share_their_prompt_with_the_same_loss_and_gradients(make_mode
     assert pair_batch(policy, pairs, 0, torch.device("cpu"))[3] is not None
     results = {}
     for share in (False, True):
-        cfg = DPOConfig(batch_size=3, beta=0.1, precompute_ref=True, share_prompts=share)
+        cfg = DPOConfig(batch_size=3, beta=0.1, precompute_ref=True, share_prompts=share, precision="fp32")
         algo = DPO(policy, make_model(seed=1), tokenizer, pairs, [], [], cfg)
         batch = algo.micro_batches(0)[0]
         assert (batch[1][3] is not None) == share
@@ -174,7 +174,7 @@ def test_dpo_pairs_share_their_prompt_with_the_same_loss_and_gradients(make_mode
 
 
 def test_shared_prompt_forward_under_bf16_autocast_stays_close(make_model):
-    """Under bf16 autocast (the loop's `bf16=true`) the packed path runs and agrees with the plain one to bf16
+    """Under bf16 autocast (the loop's `precision=bf16`) the packed path runs and agrees with the plain one to bf16
     precision; log-probs stay float32."""
     model = make_model(seed=0)
     ids, attention, completion, prompt_index = batch(model.config.vocab_size)

@@ -128,9 +128,13 @@ class Attention(nn.Module):
             cache_k[:, :, start:start + t] = k
             cache_v[:, :, start:start + t] = v
             k, v = cache_k[:, :, :start + t], cache_v[:, :, :start + t]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
-        )
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # see `masked_attention`: SDPA's bf16 CPU kernel
+            causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None, None]
+            out = masked_attention(q, k, v, attention_bias(causal if mask is None else mask))
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.num_kv_heads != self.num_heads
+            )
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def forward_shared(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
@@ -167,6 +171,10 @@ class Attention(nn.Module):
 # the short, masked sequences of RL batches that is faster on CPU than the fused SDPA kernel (1.7 vs 3.0 ms
 # forward + backward for 8 rows x 8 heads x 72 x 72; 27 vs 29 ms for 64 x 8 x 64 x 136), and the scores kept for
 # backward stay below 32 MB a layer. Longer sequences take the fused kernel, which never materialises them.
+# In bf16 on CPU (autocast training) this path is also what `Attention.forward` takes: the fused kernel's bf16
+# backward there is 3-4x slower than its float32 one (forward + backward of the tiny demo model's pretraining
+# attention, 16 x 6 heads x 128 x 128: 77 ms bf16 against 21 float32 and 19 for the bf16 product here), so longer
+# bf16 sequences run the fused kernel in float32 (24 ms).
 MATERIALISED_SCORES_MAX = 1 << 23
 
 
@@ -184,6 +192,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     kv, k_len = k.shape[1], k.shape[2]
     bias = bias.to(q.dtype)  # bf16 under autocast (q comes from a bf16 product): a bf16 add and softmax
     if b * h * q_len * k_len > MATERIALISED_SCORES_MAX:
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(),
+                                                 enable_gqa=kv != h)
+            return out.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=kv != h)
     group = h // kv  # the query heads that share a key/value head ride in one product as extra query rows
     scores = torch.matmul(q.reshape(b, kv, group * q_len, d), k.transpose(-1, -2)).view(b, kv, group, q_len, k_len)

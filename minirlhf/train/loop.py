@@ -2,8 +2,8 @@
 
 An `Algorithm` says how a step's micro-batches are made (from a dataset, or from fresh rollouts) and
 how a micro-batch becomes a loss; this loop owns everything else: AdamW, linear warmup + cosine decay,
-gradient accumulation, clipping, optional bf16 autocast, non-finite-step guard, periodic evaluation,
-atomic checkpoints, exact `resume`, `metrics.jsonl`, a progress bar, optional TensorBoard.
+gradient accumulation, clipping, bf16 autocast where the hardware has it (`precision`), non-finite-step guard,
+periodic evaluation, atomic checkpoints, exact `resume`, `metrics.jsonl`, a progress bar, optional TensorBoard.
 
 Exact resume works because batches are a pure function of (seed, step): data order comes from a seeded
 permutation per epoch, rollouts from a generator seeded by the step; RNG states, the optimizer and any
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, field
 from ..errors import SetupError
+from ..generation import decode
 from ..model.lora import LoRAConfig, save_final
 from . import checkpoint as ckpt
 from . import distributed
@@ -55,7 +56,10 @@ class TrainConfig:
     warmup_steps: int = field(0, "linear warmup steps", min=0)
     weight_decay: float = field(0.0, "AdamW weight decay", min=0)
     max_grad_norm: float = field(1.0, "clip the global gradient norm (0 = off)", min=0)
-    bf16: bool = field(False, "bf16 autocast for forward passes (log-prob math stays float32)")
+    precision: Literal["auto", "fp32", "bf16"] = field(
+        "auto", "training's forward passes: bf16 autocast (float32 master weights; log-probs, ratios, KL and losses "
+                "in float32) or plain float32; auto = bf16 where the hardware multiplies bf16 natively (AVX512-BF16 / "
+                "AMX CPUs, bf16 GPUs), else fp32")
     seed: int = field(0, "seed for init, data order and sampling")
     device: str = field("auto", "auto | cpu | cuda | cuda:N")
     eval_every: int = field(0, "evaluate every N steps (0 = only at the end)", min=0)
@@ -244,6 +248,12 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], checkpoi
         print(f"resuming {checkpoint} with changed options: {'; '.join(changed)}", file=sys.stderr)
 
 
+def uses_bf16(cfg: TrainConfig, device_type: str) -> bool:
+    """Whether training's forward passes (the loss's, and the no-grad ones whose outputs it compares with: old,
+    reference and value estimates) run under bf16 autocast, by `cfg.precision`."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and decode.has_native_bf16(device_type))
+
+
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
     keys = {k for r in rows for k in r}
     return {k: sum(r[k] for r in rows if k in r) / sum(1 for r in rows if k in r) for k in sorted(keys)}
@@ -368,7 +378,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         for m in algo.modules.values():  # after micro_batches: a rollout leaves the policy in eval mode
             m.train()
         optimizer.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(algo, batches, ddp_modules, cfg.bf16, device_type)
+        metrics = accumulate_gradients(algo, batches, ddp_modules, uses_bf16(cfg, device_type), device_type)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e30)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
