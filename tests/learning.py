@@ -7,7 +7,8 @@ is mostly wrong, while its samples hold every style. The rubric behind every rew
 label prefers the working. Each method must move the policy there and raise greedy accuracy on held-out
 problems it never saw, by more than three standard errors of the difference.
 
-Every stage runs with its section of configs/rlhf.yaml (what `make demo` runs) on the demo's data and seeds,
+Every stage runs with its section of configs/rlhf.yaml (what `make demo` runs: its precision too, so on a CPU
+with bf16 the methods train under bf16 autocast, pretraining and SFT in float32) on the demo's data and seeds,
 shortened to keep the suite fast (FEWER_STEPS per method), on 200 held-out problems, without intermediate
 evaluation, on one thread as every test (conftest.py: with two threads beside the other test worker, pretraining
 ran 2x slower) except SFT. Every method starts from one pretrained + SFT policy (`build_pipeline`), built once

@@ -15,23 +15,23 @@ def test_sft_imitates_the_demonstrations_and_guesses_when_greedy(learning_pipeli
 
 def test_reward_model_ranks_held_out_pairs_by_the_rubric(learning_pipeline):
     result = run_stage(learning_pipeline["root"], "rm", eval_samples=HELD_OUT)
-    assert result["pref_accuracy"] >= 0.85  # measured 0.915 on 200 pairs (chance 0.5)
+    assert result["pref_accuracy"] >= 0.85  # measured 0.925 on 200 pairs (chance 0.5)
 
 
 def test_dpo_prefers_the_rubric_and_raises_held_out_accuracy(learning_pipeline):
     result = run_stage(learning_pipeline["root"], "dpo", eval_samples=HELD_OUT)
     assert result["pref_accuracy"] >= 0.85  # measured 0.920; policy == reference ties every pair
-    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.695 (0.110 -> 0.805) in 30 steps
+    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.705 (0.110 -> 0.815) in 30 steps
 
 
 @pytest.mark.parametrize("stage, at_least", [
-    ("grpo", 0.30),  # measured +0.665 (0.775) in 10 steps
-    ("ppo", 0.30),  # measured +0.645 (0.755) in 24 steps
-    ("spo", 0.30),  # measured +0.715 (0.825) in 12 steps
-    ("online-dpo", 0.30),  # measured +0.59 (0.70) in 10 steps
+    ("grpo", 0.30),  # measured +0.585 (0.695) in 10 steps
+    ("ppo", 0.30),  # measured +0.64 (0.75) in 24 steps
+    ("spo", 0.30),  # measured +0.71 (0.82) in 12 steps
+    ("online-dpo", 0.30),  # measured +0.71 (0.82) in 10 steps
 ])
 def test_online_method_raises_held_out_accuracy_with_bounded_kl(learning_pipeline, stage, at_least):
     result = run_stage(learning_pipeline["root"], stage, eval_samples=HELD_OUT)
     assert_held_out_gain(result, learning_pipeline["sft"], at_least)
     kl = [r["kl"] for r in metrics(learning_pipeline["root"] / stage) if "kl" in r]
-    assert kl[-1] < 0.5  # the last rollout's per-token KL to SFT: measured 0.05-0.08 (GRPO 0.26, SPO 0.33)
+    assert kl[-1] < 0.5  # the last rollout's per-token KL to SFT: measured 0.03-0.11

@@ -20,7 +20,7 @@ def test_judge_learns_the_rubric_styles_and_rlaif_follows_its_score_alone(learni
     # measured 0.845; rating every reply bad agrees 0.60, judging the styles right and slips as good 0.85
     assert judge["agreement"] >= 0.75
     result = run_stage(learning_pipeline["root"], "rlaif", eval_samples=HELD_OUT)  # reward: judge:1, no answer checking
-    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.69 (0.110 -> 0.800) in 12 steps
+    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.665 (0.110 -> 0.775) in 12 steps
 
 
 FOCUS_PROMPTS, FOCUS_SAMPLES = 16, 8
@@ -45,8 +45,9 @@ def focus_reward(model_dir: Path, prompts_file: Path, seed: int) -> float:
 @pytest.mark.parametrize("loss_type", ["cispo", "sapo", "gspo", "luspo", "vespo"])
 def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(learning_pipeline, loss_type):
     """GRPO with each newer loss (CISPO, SAPO, GSPO, LUSPO, VESPO presets) for 10 steps on 16 prompts: fresh samples
-    on those prompts (a sampling seed the training never used) earn more reward than the SFT model's. (At 6 steps
-    two of them gained only +0.11 and +0.15 from this SFT model; at 10 steps +0.24 to +0.43.)"""
+    on those prompts (a sampling seed the training never used) earn more reward than the SFT model's. (Trained in
+    float32, at 6 steps two of them gained only +0.11 and +0.15 from this SFT model, at 10 steps +0.24 to +0.43; in
+    bf16, as here, at 10 steps +0.21 to +0.30.)"""
     root = learning_pipeline["root"]
     focus = root / "focus.jsonl"
     if not focus.exists():
@@ -57,7 +58,7 @@ def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(lear
               batch_size=64, grad_accum=1, eval_data="")
     after = focus_reward(out / "final", focus, seed=123)
     print(f"{loss_type}: focus-prompt reward {before:.3f} -> {after:.3f}")
-    assert after - before >= 0.15, (loss_type, before, after)  # measured 0.373 -> 0.61-0.81 (+0.24 to +0.43)
+    assert after - before >= 0.15, (loss_type, before, after)  # measured 0.373 -> 0.59-0.67 (+0.21 to +0.30)
 
 
 def test_kl_coef_zero_loads_no_reference(learning_pipeline):
