@@ -384,7 +384,7 @@ def test_mix_into_reference_by_hand(make_model):
         torch.testing.assert_close(param, expected)
 
 
-def test_precomputed_reference_log_probs_are_taken_in_the_losss_precision(task_data, start_model_dir):
+def test_precomputed_reference_log_probs_are_taken_in_the_training_precision(task_data, start_model_dir):
     """With `precision=bf16` the policy's log-probs in the loss come from a bf16 autocast forward; the reference's,
     computed once up front, do too (else the implicit rewards would start off zero by bf16 rounding)."""
     import json
