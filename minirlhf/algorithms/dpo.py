@@ -37,7 +37,7 @@ from ..model import frozen_reference
 from ..model.minimind import SharedPrompt
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig, evaluated, train, uses_bf16
+from ..train.loop import Algorithm, TrainConfig, evaluated, train, training_autocast
 from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
 
@@ -166,7 +166,7 @@ class DPO(Algorithm):
         self.ref_logps = self.eval_ref_logps = None
         if self.uses_ref and cfg.precompute_ref:
             # in the loss's precision (the evaluation's log-probs below stay float32, as its policy forward)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, self.device.type)):
+            with training_autocast(cfg, self.device.type):
                 self.ref_logps = self._visited_pair_logprobs(reference)
             if eval_pairs:
                 self.eval_ref_logps = pair_sequence_logprobs(reference, eval_pairs, tokenizer.pad_id)[:2]

@@ -36,7 +36,7 @@ from ..rewards.base import overlong_penalty
 from ..rewards.judge import HTTPJudgeBackend, JudgeBackend, LocalJudgeBackend, PointwiseJudge
 from ..tokenizer import Tokenizer
 from ..train import distributed
-from ..train.loop import Algorithm, TrainConfig, evaluated, uses_bf16
+from ..train.loop import Algorithm, TrainConfig, evaluated, training_autocast
 from ..train.reference import ReferenceSyncConfig, check_reference_sync, sync_reference
 from ..train.start import load_start
 from .experience import Experience
@@ -200,10 +200,8 @@ class OnlineRL(Algorithm):
         self.prompt_ids = [self._encode(p) for p in prompts]
         self.prompt_order = ExampleOrder(len(prompts), cfg.seed)
         self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p)
-        bf16 = cfg.rollout_precision == "bf16" or (cfg.rollout_precision == "auto"
-                                                   and decode.has_native_bf16(self.device.type))
-        self.rollout_dtype = torch.bfloat16 if bf16 else torch.float32
-        self.train_bf16 = uses_bf16(cfg, self.device.type)
+        self.rollout_dtype = torch.bfloat16 if decode.bf16_chosen(cfg.rollout_precision, self.device.type) \
+            else torch.float32
         rollout_size = cfg.prompts_per_rollout * (self.rows_per_prompt or self.samples_per_prompt)
         world = distributed.world_size()
         mini_batch = cfg.batch_size * cfg.grad_accum * world
@@ -248,12 +246,9 @@ class OnlineRL(Algorithm):
         exp = exp.replace(stats={**self.reward_stats(exp.rewards), **exp.stats,  # every sample, before the
                                  "completion_len": float(exp.lengths.mean()),     # method keeps some rows
                                  "truncated": float(exp.truncated.mean())})
-        with self.training_precision():  # value estimates (PPO), log-probs (SPO) as the loss's forward computes them
+        # value estimates (PPO) and log-probs (SPO) in the precision the loss's forward computes them in
+        with training_autocast(self.cfg, self.device.type):
             return self.advantages(exp)
-
-    def training_precision(self) -> torch.autocast:
-        """The loss's forward precision (TrainConfig.precision), for the no-grad passes compared with it."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.train_bf16)
 
     @torch.no_grad()
     def sample_rows(self, prompt_indices: list[int], rollout: int, attempt: int = 0) -> Experience:
@@ -300,7 +295,7 @@ class OnlineRL(Algorithm):
             exp.sampler_logps[:, exp.prompt_width - 1:] = out.logprobs
         if parts:  # (rows, rewards): what a multi-reward advantage (GDPO) normalises one by one
             exp.reward_parts = torch.stack(list(parts.values()), 1).nan_to_num(0.0).to(self.device)
-        with self.training_precision():
+        with training_autocast(self.cfg, self.device.type):
             if self.updates_per_rollout > 1 or self.needs_old_logps:
                 exp.old_logps = self._logprobs(self.policy, exp)[0]
             if self.reference is not None:

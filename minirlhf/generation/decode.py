@@ -49,6 +49,11 @@ def has_native_bf16(device_type: str) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_chosen(choice: str, device_type: str) -> bool:
+    """A precision option (auto | fp32 | bf16) resolved: bf16, or auto on a device with native bf16."""
+    return choice == "bf16" or (choice == "auto" and has_native_bf16(device_type))
+
+
 class FrozenLinear:
     """y = x W^T for inference, W stored in `dtype` (x is rounded to it; y comes back in float32), packed once for
     oneDNN on CPU (or kept for `F.linear`)."""

@@ -190,13 +190,12 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     `F.scaled_dot_product_attention(q, k, v, attn_mask=mask)` for the boolean mask the bias came from."""
     b, h, q_len, d = q.shape
     kv, k_len = k.shape[1], k.shape[2]
-    bias = bias.to(q.dtype)  # bf16 under autocast (q comes from a bf16 product): a bf16 add and softmax
     if b * h * q_len * k_len > MATERIALISED_SCORES_MAX:
-        if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias.float(),
-                                                 enable_gqa=kv != h)
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu":  # the float32 kernel, with the float32 bias
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=bias, enable_gqa=kv != h)
             return out.to(q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=kv != h)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), enable_gqa=kv != h)
+    bias = bias.to(q.dtype)  # bf16 under autocast (q comes from a bf16 product): a bf16 add and softmax
     group = h // kv  # the query heads that share a key/value head ride in one product as extra query rows
     scores = torch.matmul(q.reshape(b, kv, group * q_len, d), k.transpose(-1, -2)).view(b, kv, group, q_len, k_len)
     # the mask as an added bias: masked_fill with a mask broadcast over the heads took 13x as long on CPU (2.7 vs

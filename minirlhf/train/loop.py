@@ -251,7 +251,12 @@ def check_resume(saved: dict[str, Any] | None, current: dict[str, Any], checkpoi
 def uses_bf16(cfg: TrainConfig, device_type: str) -> bool:
     """Whether training's forward passes (the loss's, and the no-grad ones whose outputs it compares with: old,
     reference and value estimates) run under bf16 autocast, by `cfg.precision`."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and decode.has_native_bf16(device_type))
+    return decode.bf16_chosen(cfg.precision, device_type)
+
+
+def training_autocast(cfg: TrainConfig, device_type: str) -> torch.autocast:
+    """The context those forward passes run in: bf16 autocast when `uses_bf16`, else a disabled one."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=uses_bf16(cfg, device_type))
 
 
 def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
