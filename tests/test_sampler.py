@@ -225,12 +225,17 @@ def test_inverse_cdf_never_returns_a_token_without_mass_when_u_times_mass_rounds
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("fixed_shapes", [False, True])
 def test_decode_step_equals_the_model_forward_with_the_same_cache(make_model, padded, fixed_shapes):
-    """The sampler's fused, packed decode step (q/k/v and gate/up as one matrix each, attention as two products)
-    gives the model's own next-token logits and fills the cache with the same keys/values; so does its
-    fixed-shape form (what a CUDA graph captures: every cache slot attended, the unwritten ones masked)."""
+    """The sampler's fused, packed decode step (q/k/v and gate/up as one matrix each with the norms' weights folded
+    in, RoPE as a complex product, attention as two products) gives the model's own next-token logits and fills
+    the cache with the same keys (in pair order) and values; so does its fixed-shape form (what a CUDA graph
+    captures: every cache slot attended, the unwritten ones masked)."""
     from minirlhf.generation import decode
+    from minirlhf.model.minimind import RMSNorm
 
     model = make_model(seed=3)
+    with torch.no_grad():  # norm weights other than 1, so that folding them into the matrices is checked
+        for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):
+            norm.weight.uniform_(0.5, 1.5)
     prompts = PROMPTS if padded else [p[:3] for p in PROMPTS]
     ids, mask = left_pad(prompts, PAD)
     batch, width = ids.shape
@@ -239,6 +244,7 @@ def test_decode_step_equals_the_model_forward_with_the_same_cache(make_model, pa
         for cache in caches:
             model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)
     weights = decode.DecodeWeights(model, batch)
+    weights.to_pair_order(caches[1])
     full_mask = torch.cat([mask, torch.ones(batch, 4, dtype=mask.dtype)], 1)
     key_bias = torch.zeros(full_mask.shape).masked_fill(full_mask == 0, float("-inf"))
     positions = mask.sum(1) - 1
@@ -253,7 +259,9 @@ def test_decode_step_equals_the_model_forward_with_the_same_cache(make_model, pa
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
         token = got.argmax(-1)
     assert caches[1].length == caches[0].length
-    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+    for a, b in zip(caches[0].keys, caches[1].keys):  # the decode step's keys are in pair order
+        torch.testing.assert_close(a[..., weights.key_order], b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(caches[0].values, caches[1].values):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

@@ -224,6 +224,8 @@ def _generate(model: nn.Module, prompts: Sequence[Sequence[int]], sampling: Samp
 
     with lower_precision(device, dtype):
         logits = prefill(model, prompt_ids, prompt_mask, cache, [tuple(p) for p in prompts])
+    if weights is not None:
+        weights.to_pair_order(cache)
     graphed = None
     if weights is not None and steps > 1 and decode.GraphedDecodeStep.applies(device):
         graphed = decode.GraphedDecodeStep(weights, cache, key_bias, batch)
