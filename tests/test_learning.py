@@ -25,13 +25,13 @@ def test_dpo_prefers_the_rubric_and_raises_held_out_accuracy(learning_pipeline):
 
 
 @pytest.mark.parametrize("stage, at_least", [
-    ("grpo", 0.30),  # measured +0.585 (0.695) in 10 steps
-    ("ppo", 0.30),  # measured +0.64 (0.75) in 24 steps
+    ("grpo", 0.30),  # measured +0.635 (0.745) in 10 steps
+    ("ppo", 0.30),  # measured +0.65 (0.76) in 24 steps
     ("spo", 0.30),  # measured +0.71 (0.82) in 12 steps
-    ("online-dpo", 0.30),  # measured +0.71 (0.82) in 10 steps
+    ("online-dpo", 0.30),  # measured +0.685 (0.795) in 10 steps
 ])
 def test_online_method_raises_held_out_accuracy_with_bounded_kl(learning_pipeline, stage, at_least):
     result = run_stage(learning_pipeline["root"], stage, eval_samples=HELD_OUT)
     assert_held_out_gain(result, learning_pipeline["sft"], at_least)
     kl = [r["kl"] for r in metrics(learning_pipeline["root"] / stage) if "kl" in r]
-    assert kl[-1] < 0.5  # the last rollout's per-token KL to SFT: measured 0.03-0.11
+    assert kl[-1] < 0.5  # the last rollout's per-token KL to SFT: measured 0.06-0.30 (SPO)

@@ -20,7 +20,7 @@ def test_judge_learns_the_rubric_styles_and_rlaif_follows_its_score_alone(learni
     # measured 0.845; rating every reply bad agrees 0.60, judging the styles right and slips as good 0.85
     assert judge["agreement"] >= 0.75
     result = run_stage(learning_pipeline["root"], "rlaif", eval_samples=HELD_OUT)  # reward: judge:1, no answer checking
-    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.665 (0.110 -> 0.775) in 12 steps
+    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.645 (0.110 -> 0.755) in 12 steps
 
 
 FOCUS_PROMPTS, FOCUS_SAMPLES = 16, 8
@@ -58,7 +58,7 @@ def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(lear
               batch_size=64, grad_accum=1, eval_data="")
     after = focus_reward(out / "final", focus, seed=123)
     print(f"{loss_type}: focus-prompt reward {before:.3f} -> {after:.3f}")
-    assert after - before >= 0.15, (loss_type, before, after)  # measured 0.373 -> 0.59-0.67 (+0.21 to +0.30)
+    assert after - before >= 0.15, (loss_type, before, after)  # measured 0.373 -> 0.62-0.75 (+0.24 to +0.38)
 
 
 def test_kl_coef_zero_loads_no_reference(learning_pipeline):
