@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -265,13 +265,15 @@ def _mean_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def accumulate_gradients(algo: Algorithm, batches: list[Any], ddp_modules: list[nn.Module] = (),
-                         bf16: bool = False, device_type: str = "cpu") -> dict[str, float]:
+                         precision: AbstractContextManager | None = None) -> dict[str, float]:
     """Backpropagate one optimizer step's micro-batches so the summed gradient is that of the whole step's loss.
 
     Each micro-batch's loss is a mean over w_i units (`algo.loss_weight`); the whole batch's loss is
     sum_i w_i L_i / W with W = sum of w over every micro-batch of every rank. DDP averages gradients over the
     world, so micro-batch i is scaled by world * w_i / W. Returns the metrics averaged over micro-batches and
-    ranks, with `loss` the whole-batch loss."""
+    ranks, with `loss` the whole-batch loss. Each loss's forward runs inside `precision` (`training_autocast`; None:
+    as it is)."""
+    precision = nullcontext() if precision is None else precision
     weights = [float(algo.loss_weight(b)) for b in batches]
     total = distributed.all_sum(sum(weights))
     scales = [w * distributed.world_size() / total if total > 0 else 0.0 for w in weights]
@@ -281,7 +283,7 @@ def accumulate_gradients(algo: Algorithm, batches: list[Any], ddp_modules: list[
             if i + 1 < len(batches):  # all-reduce gradients once, after the last micro-batch
                 for m in ddp_modules:
                     stack.enter_context(m.no_sync())
-            with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+            with precision:
                 loss, metrics = algo.loss(batch)
             (loss * scale).backward()
         step_loss += float(loss.detach()) * scale
@@ -383,7 +385,7 @@ def train(algo: Algorithm, cfg: TrainConfig, name: str = "train") -> dict[str, f
         for m in algo.modules.values():  # after micro_batches: a rollout leaves the policy in eval mode
             m.train()
         optimizer.zero_grad(set_to_none=True)
-        metrics = accumulate_gradients(algo, batches, ddp_modules, uses_bf16(cfg, device_type), device_type)
+        metrics = accumulate_gradients(algo, batches, ddp_modules, training_autocast(cfg, device_type))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e30)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP: a DTensor
         if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
