@@ -10,9 +10,9 @@ response text, so its own tokenization gives exactly our token ids (checked: `sa
 is prompt + response + <|im_end|>, with the loss on the response and <|im_end|>.
 
 Settings made equal: batch size (pairs per optimizer step, one micro-batch), max length, β, sigmoid loss,
-learning rate, AdamW (`torch.optim.AdamW`, non-fused, betas 0.9/0.95, no weight decay: TRL's `optim` is set
-to `adamw_torch`), gradient clipping at 1.0, fp32 (ours `precision=fp32`, TRL `bf16=False`; `--bf16`: both under bf16
-autocast, ours `precision=bf16`, TRL `bf16=True`) and no gradient checkpointing
+learning rate, AdamW (`torch.optim.AdamW`, fused, betas 0.9/0.95, no weight decay: TRL's `optim` is set
+to `adamw_torch_fused`), gradient clipping at 1.0, fp32 (ours `precision=fp32`, TRL `bf16=False`; `--bf16`:
+both under bf16 autocast, ours `precision=bf16`, TRL `bf16=True`) and no gradient checkpointing
 (TRL's default on, turned off). Reference log-probs are precomputed once before training by both (ours:
 `precompute_ref`, TRL: `precompute_ref_log_probs`), so neither runs a reference model during training;
 `--live-ref` turns precompute off for both, and each then runs a frozen copy of the initial model every step.
@@ -106,7 +106,7 @@ def run_trl(model, tokenizer: Tokenizer, pairs: list[PreferencePair], args, out_
     config = TRLDPOConfig(
         output_dir=str(out_dir / "trl"), max_steps=args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=0,
-        weight_decay=0.0, optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+        weight_decay=0.0, optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         max_length=args.max_len, beta=args.beta, loss_type=["sigmoid"], precompute_ref_log_probs=not args.live_ref,
         precompute_ref_batch_size=32, bf16=args.bf16, gradient_checkpointing=False, use_cpu=True, seed=args.seed,
         report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,

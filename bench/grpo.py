@@ -14,7 +14,7 @@ num_iterations 1). A step therefore includes generation, reward scoring, the ref
 (β > 0 for both, so each holds a frozen reference copy; neither computes old log-probs, since π_old = π with
 one update per rollout), the policy forward/backward and the AdamW step. Equal settings: β, temperature
 (no top-k / top-p), ε = 0.2 clipping, loss aggregation `grpo` (TRL's default is `dapo`), group-scaled
-advantages, learning rate, AdamW (`torch.optim.AdamW`, betas 0.9/0.95: TRL's `optim` set to `adamw_torch`),
+advantages, learning rate, AdamW (`torch.optim.AdamW`, fused, betas 0.9/0.95: TRL's `optim` set to `adamw_torch_fused`),
 clipping at 1.0, fp32 (TRL `bf16=False`, ours `precision=fp32`; `--bf16` puts both in bf16: TRL `bf16=True`, ours
 `precision=bf16` autocast plus `rollout_precision=bf16`), no gradient checkpointing (TRL's default on, turned off).
 
@@ -130,7 +130,7 @@ def run_trl(model_dir: Path, tokenizer: Tokenizer, prompts: list[PromptExample],
         max_completion_length=args.max_new_tokens, temperature=args.temperature, top_k=0, top_p=1.0,
         generation_kwargs=None if args.natural else {"min_new_tokens": args.max_new_tokens},
         beta=args.beta, epsilon=0.2, loss_type="grpo", scale_rewards="group", learning_rate=args.lr,
-        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, optim="adamw_torch", adam_beta1=0.9,
+        lr_scheduler_type="cosine", warmup_steps=0, weight_decay=0.0, optim="adamw_torch_fused", adam_beta1=0.9,
         adam_beta2=0.95, max_grad_norm=1.0, bf16=args.bf16, gradient_checkpointing=False, use_cpu=True, seed=args.seed,
         report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
     )

@@ -7,7 +7,7 @@ our exact prompt ids). Same process, same torch threads, same prompts (rl.jsonl,
 (the demo's answer:1,working:0.2: TRL gets a function calling the same `WeightedSum.score`), and the demo's GRPO
 settings for both: 16 prompts x 8 completions per optimizer step in one micro-batch, T = 0.7, 48 new tokens with EOS
 stopping, lr 1e-4 constant, β = 0.04 (both hold a reference), ε = 0.2, `grpo` aggregation, group-scaled advantages,
-AdamW (betas 0.9/0.95), clipping at 1.0, fp32 training (ours `precision=fp32`), no gradient checkpointing, one
+AdamW (fused, betas 0.9/0.95), clipping at 1.0, fp32 training (ours `precision=fp32`), no gradient checkpointing, one
 update per rollout. Ours samples with its default `rollout_precision=auto` (bf16 weights where the CPU multiplies
 bf16 natively, with the truncated importance-sampling correction; `--rollout-precision fp32` for fp32 rollouts), TRL
 with HF `generate` in fp32, its default.
@@ -91,7 +91,7 @@ def run_trl(hf_dir: Path, prompts, args, out_dir: Path) -> dict:
         output_dir=str(out_dir), max_steps=100_000, per_device_train_batch_size=PROMPTS * GROUP,
         gradient_accumulation_steps=1, num_generations=GROUP, num_iterations=1, max_completion_length=NEW_TOKENS,
         temperature=TEMPERATURE, top_k=0, top_p=1.0, beta=BETA, epsilon=0.2, loss_type="grpo", scale_rewards="group",
-        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch",
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, optim="adamw_torch_fused",
         adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, use_cpu=True,
         seed=args.seed, report_to="none", logging_strategy="no", save_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0)
