@@ -287,3 +287,37 @@ def test_model_with_onednn_linears_equals_it_with_f_linear(monkeypatch, make_mod
     torch.testing.assert_close(on_logps, off_logps, atol=1e-5, rtol=1e-5)
     for on_grad, off_grad in zip(on_grads, off_grads):
         torch.testing.assert_close(on_grad, off_grad, atol=1e-5, rtol=1e-4)
+
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_heads_run_in_float32_under_bf16_autocast(make_model, shared):
+    """Under bf16 autocast the LM head's logits (plain and shared-prompt forward) and a scalar head's values are the
+    float32 product of the final hidden states, not bf16-rounded ones, and the head's gradient is float32; without
+    autocast the heads are plain products as before."""
+    from minirlhf.model.heads import ScalarHeadModel
+    from minirlhf.model.minimind import SharedPrompt
+
+    model = make_model(seed=0).train()
+    ids = torch.randint(3, model.config.vocab_size, (4, 12), generator=torch.Generator().manual_seed(2))
+    ids[1::2, :5] = ids[::2, :5]  # rows 2k and 2k+1 share a 5-token prompt
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids, return_hidden=True)
+        shared_logits = model(ids, shared_prompt=SharedPrompt.of(torch.arange(4) // 2, 5)).logits
+    expected = out.hidden.float() @ model.lm_head.weight.t()
+    torch.testing.assert_close(out.logits, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(shared_logits, expected[:, 4:-1], atol=1e-5, rtol=1e-5)
+    rounded = out.hidden.bfloat16() @ model.lm_head.weight.bfloat16().t()  # what a bf16 head gives
+    assert (rounded.float() - expected).abs().max() > 1e-3
+    (shared_logits if shared else out.logits).sum().backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+
+    scalar = ScalarHeadModel(make_model(seed=0)).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        values = scalar(ids)
+        hidden = scalar.backbone(ids, return_hidden=True, return_logits=False).hidden
+    torch.testing.assert_close(values, (hidden.float() @ scalar.head.weight.t() + scalar.head.bias).squeeze(-1),
+                               atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        out = model(ids, return_hidden=True)
+        assert torch.equal(out.logits, model.lm_head(out.hidden))

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from .linear import in_float32
 from .lora import save_final
 
 MARKER_FILE = "scalar_head.json"
@@ -30,7 +31,7 @@ class ScalarHeadModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         hidden = self.backbone(input_ids, attention_mask=attention_mask, return_hidden=True, return_logits=False).hidden
-        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+        return in_float32(self.head, hidden).squeeze(-1).float()
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per sequence, read at its last real token (works for left or right padding)."""

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import one_line
 from .config import ModelConfig
-from .linear import OneDNNLinear
+from .linear import OneDNNLinear, in_float32
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -355,7 +355,7 @@ class MiniMindLM(nn.Module):
         hidden = self.norm(x)
         logits = None
         if return_logits:
-            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            logits = in_float32(self.lm_head, hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if aux_total is not None:
             aux_total = self.config.aux_loss_coef * aux_total / len(self.layers)
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, aux_loss=aux_total)
@@ -397,7 +397,7 @@ class MiniMindLM(nn.Module):
         prompt_last = full[:u * p].view(u, p, -1)[:, -1]  # (a real token: prompts are left-padded)
         own = full[u * p:].view(b, c, -1)[:, :-1]  # the last position predicts nothing here
         prompt_last = prompt_last.index_select(0, shared.rows).unsqueeze(1)  # each row's copy
-        return ModelOutput(logits=self.lm_head(torch.cat([prompt_last, own], 1)))
+        return ModelOutput(logits=in_float32(self.lm_head, torch.cat([prompt_last, own], 1)))
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         p = next(self.parameters())
