@@ -8,7 +8,7 @@ label prefers the working. Each method must move the policy there and raise gree
 problems it never saw, by more than three standard errors of the difference.
 
 Every stage runs with its section of configs/rlhf.yaml (what `make demo` runs: its precision too, so on a CPU
-with bf16 the methods train under bf16 autocast, pretraining and SFT in float32) on the demo's data and seeds,
+with bf16 every stage trains under bf16 autocast, the output heads in float32) on the demo's data and seeds,
 shortened to keep the suite fast (FEWER_STEPS per method), on 200 held-out problems, without intermediate
 evaluation, on one thread as every test (conftest.py: with two threads beside the other test worker, pretraining
 ran 2x slower) except SFT. Every method starts from one pretrained + SFT policy (`build_pipeline`), built once

@@ -238,9 +238,11 @@ def test_logprobs_and_ratios_are_float32_under_bf16_autocast(make_model):
     attention = torch.ones_like(ids)
     completion = torch.zeros_like(ids)
     completion[:, 6:] = 1
+    products = []
+    model.layers[0].mlp.down_proj.register_forward_hook(lambda module, args, out: products.append(out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = model(ids, attention_mask=attention).logits
-        assert logits.dtype == torch.bfloat16  # the forward pass really is in bf16 ...
+        logits = model(ids, attention_mask=attention).logits.bfloat16()  # (bf16 logits, as a Hugging Face model's)
+        assert products == [torch.bfloat16]  # the forward pass really is in bf16 ...
         logps, mask, entropy = completion_logprobs(model, ids, attention, completion, return_entropy=True)
         old = logps.detach() + 0.01
         ratio = torch.exp(logps - old)
