@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.linear import cpuinfo, has_onednn_linear, onednn_linear
-from ..model.minimind import KVCache, MiniMindLM
+from ..model.minimind import KVCache, MiniMindLM, normalised
 
 PACK_CPU_LINEARS = True  # False: plain F.linear on CPU too (the benchmark's `ours_plain` setting)
 
@@ -87,11 +87,6 @@ class DecodeLayer:
     mlp_eps: float
     gate_up: FrozenLinear
     down: FrozenLinear
-
-
-def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without its weight: x / sqrt(mean(x²) + eps), in float32."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def pair_order(head_dim: int) -> torch.Tensor:

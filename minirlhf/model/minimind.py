@@ -36,9 +36,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * normalised(x.float(), self.eps).to(x.dtype)
+
+
+def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its weight: x / sqrt(mean(x²) + eps) (the sampler's decode step folds the weight into the
+    matrix the norm feeds)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
