@@ -321,3 +321,33 @@ def test_heads_run_in_float32_under_bf16_autocast(make_model, shared):
     with torch.no_grad():
         out = model(ids, return_hidden=True)
         assert torch.equal(out.logits, model.lm_head(out.hidden))
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.bfloat16], ids=["float32_out", "bf16_out"])
+def test_rms_norm_forward_and_hand_written_backward_match_the_formula(out_dtype):
+    """RMSNorm's forward and its written-out backward against the formula y = w x / sqrt(mean(x²) + eps), computed
+    by hand in float64 with autograd's gradients, on a (2, 3, 8) input with a non-trivial weight; a bf16 output is
+    the float32 result rounded once; gradients come back in the input's and the weight's dtypes."""
+    from minirlhf.model.minimind import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(8, eps=1e-3)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(8, generator=g) + 0.5)
+    x = (torch.randn(2, 3, 8, generator=g) * 3).requires_grad_()
+    dy = torch.randn(2, 3, 8, generator=g)
+    y = norm(x, out_dtype)
+    (y.float() * dy).sum().backward()
+
+    x64, w64 = x.detach().double().requires_grad_(), norm.weight.detach().double().requires_grad_()
+    y64 = w64 * x64 / torch.sqrt((x64 ** 2).mean(-1, keepdim=True) + 1e-3)
+    (y64 * dy.to(y.dtype).double()).sum().backward()  # a bf16 output's gradient arrives rounded to bf16
+    assert y.dtype == (out_dtype or torch.float32)
+    torch.testing.assert_close(y, y64.to(y.dtype), atol=1e-6, rtol=1e-6 if out_dtype is None else 0)
+    torch.testing.assert_close(x.grad, x64.grad.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(norm.weight.grad, w64.grad.float(), atol=1e-5, rtol=1e-5)
+
+    bf16_norm = RMSNorm(8, eps=1e-3).bfloat16()  # a bf16 model (no autocast): bf16 in, out and gradients
+    xb = x.detach().bfloat16().requires_grad_()
+    bf16_norm(xb).sum().backward()
+    assert xb.grad.dtype == bf16_norm.weight.grad.dtype == torch.bfloat16

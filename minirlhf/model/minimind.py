@@ -35,14 +35,55 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * normalised(x.float(), self.eps).to(x.dtype)
+    def forward(self, x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The norm, written in `dtype` (default: x's). The decoder layers ask for the dtype of the products the
+        norm feeds (bf16 under autocast), so the cast those would make is folded into the norm's last pass."""
+        return _RMSNormFunction.apply(x, self.weight, self.eps, dtype or x.dtype)
+
+
+def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """r = 1 / sqrt(mean(x²) + eps) over the last dimension, (..., 1) in float32; one pass over x (`vector_norm`,
+    3x faster than `x.pow(2).mean(-1)` on CPU at (4432, 512), no x² tensor)."""
+    x = x.float()
+    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
 def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without its weight: x / sqrt(mean(x²) + eps) (the sampler's decode step folds the weight into the
-    matrix the norm feeds)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    """RMSNorm without its weight: x / sqrt(mean(x²) + eps) in x's dtype (the sampler's decode step folds the
+    weight into the matrix the norm feeds)."""
+    return (x.float() * inverse_rms(x, eps)).to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """y = w ⊙ x̂ with x̂ = r x, r = 1 / sqrt(mean(x²) + eps), all in float32, y written in `dtype`. The backward
+    is written out, dw = Σ_rows dy ⊙ x̂ and dx = r (dy ⊙ w - x̂ mean(dy ⊙ w ⊙ x̂)): 7 passes over the activations
+    where autograd's record of the same ops makes about 12, and the row means as one matrix-vector product.
+    Forward + backward at (4432, 512), bf16 output, 2 CPU threads: 12-14 ms against 22-26 ms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+        r = inverse_rms(x, eps)
+        x_hat = x.float() * r
+        ctx.save_for_backward(x_hat, r, weight)
+        ctx.x_dtype = x.dtype
+        return torch.mul(x_hat, weight, out=torch.empty(x_hat.shape, dtype=dtype, device=x.device))
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x_hat, r, weight = ctx.saved_tensors
+        dy = dy.float()
+        dy_x_hat = dy * x_hat
+        dw = dy_x_hat.reshape(-1, x_hat.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        minus_mean = (dy_x_hat @ weight.float()).unsqueeze(-1).div_(-x_hat.shape[-1])  # -mean(dy ⊙ w ⊙ x̂)
+        dx = (dy * weight.float()).addcmul_(x_hat, minus_mean).mul_(r)
+        return dx.to(ctx.x_dtype), dw, None, None
+
+
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes x in: autocast's where it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,16 +304,16 @@ class DecoderLayer(nn.Module):
             config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask, layer_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer_cache)
-        mlp_out = self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn(self.input_layernorm(x, product_dtype(x)), cos, sin, mask, layer_cache)
+        mlp_out = self.mlp(self.post_attention_layernorm(x, product_dtype(x)))
         if isinstance(mlp_out, tuple):
             return x + mlp_out[0], mlp_out[1]
         return x + mlp_out, None
 
     def forward_shared(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """The layer on the packed real tokens of prompts + continuations (dense FFN only)."""
-        x = x + self.self_attn.forward_shared(self.input_layernorm(x), layout)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.self_attn.forward_shared(self.input_layernorm(x, product_dtype(x)), layout)
+        return x + self.mlp(self.post_attention_layernorm(x, product_dtype(x)))
 
 
 @dataclass
