@@ -20,7 +20,7 @@ def test_judge_learns_the_rubric_styles_and_rlaif_follows_its_score_alone(learni
     # measured 0.850; rating every reply bad agrees 0.60, judging the styles right and slips as good 0.85
     assert judge["agreement"] >= 0.75
     result = run_stage(learning_pipeline["root"], "rlaif", eval_samples=HELD_OUT)  # reward: judge:1, no answer checking
-    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.60 (0.115 -> 0.715) in 12 steps
+    assert_held_out_gain(result, learning_pipeline["sft"], 0.30)  # measured +0.64 (0.110 -> 0.750) in 12 steps
 
 
 FOCUS_PROMPTS, FOCUS_SAMPLES = 16, 8
@@ -47,7 +47,7 @@ def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(lear
     """GRPO with each newer loss (CISPO, SAPO, GSPO, LUSPO, VESPO presets) for 10 steps on 16 prompts: fresh samples
     on those prompts (a sampling seed the training never used) earn more reward than the SFT model's. (Trained in
     float32, at 6 steps two of them gained only +0.11 and +0.15 from this SFT model, at 10 steps +0.24 to +0.43; in
-    bf16 with bf16 logits, at 10 steps +0.21 to +0.30; as here, bf16 with float32 heads: +0.29 to +0.35.)"""
+    bf16 with bf16 logits, at 10 steps +0.21 to +0.30; as here, bf16 with float32 heads: +0.28 to +0.36.)"""
     root = learning_pipeline["root"]
     focus = root / "focus.jsonl"
     if not focus.exists():
@@ -58,7 +58,7 @@ def test_each_surrogate_raises_the_reward_of_fresh_samples_on_focus_prompts(lear
               batch_size=64, grad_accum=1, eval_data="")
     after = focus_reward(out / "final", focus, seed=123)
     print(f"{loss_type}: focus-prompt reward {before:.3f} -> {after:.3f}")
-    assert after - before >= 0.15, (loss_type, before, after)  # measured 0.422 -> 0.71-0.77 (+0.29 to +0.35)
+    assert after - before >= 0.15, (loss_type, before, after)  # measured 0.520 -> 0.80-0.88 (+0.28 to +0.36)
 
 
 def test_kl_coef_zero_loads_no_reference(learning_pipeline):
