@@ -71,6 +71,13 @@ def in_float32(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return head(hidden.float())
 
 
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a linear layer computes x in: autocast's where it is on for x's device, else x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def cpu_autocast_on() -> bool:
     """Whether CPU autocast is active (its products then run in bf16, already on oneDNN)."""
     return torch.is_autocast_enabled("cpu")  # the device argument exists from torch 2.4; we require >= 2.6

@@ -21,7 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import one_line
 from .config import ModelConfig
-from .linear import OneDNNLinear, in_float32
+from .linear import OneDNNLinear, in_float32, product_dtype
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -41,17 +41,17 @@ class RMSNorm(nn.Module):
         return _RMSNormFunction.apply(x, self.weight, self.eps, dtype or x.dtype)
 
 
-def inverse_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """r = 1 / sqrt(mean(x²) + eps) over the last dimension, (..., 1) in float32; one pass over x (`vector_norm`,
-    3x faster than `x.pow(2).mean(-1)` on CPU at (4432, 512), no x² tensor)."""
-    x = x.float()
-    return torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+def inverse_rms(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    """r = 1 / sqrt(mean(x²) + eps) over the last dimension of a float32 x, (..., 1); one pass over x
+    (`vector_norm`, 3x faster than `x.pow(2).mean(-1)` on CPU at (4432, 512), no x² tensor)."""
+    return torch.linalg.vector_norm(x32, dim=-1, keepdim=True).square_().div_(x32.shape[-1]).add_(eps).rsqrt_()
 
 
 def normalised(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm without its weight: x / sqrt(mean(x²) + eps) in x's dtype (the sampler's decode step folds the
-    weight into the matrix the norm feeds)."""
-    return (x.float() * inverse_rms(x, eps)).to(x.dtype)
+    """RMSNorm without its weight: x / sqrt(mean(x²) + eps), computed in float32, returned in x's dtype (the
+    sampler's decode step folds the weight into the matrix the norm feeds)."""
+    x32 = x.float()
+    return (x32 * inverse_rms(x32, eps)).to(x.dtype)
 
 
 class _RMSNormFunction(torch.autograd.Function):
@@ -62,8 +62,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-        r = inverse_rms(x, eps)
-        x_hat = x.float() * r
+        x32 = x.float()
+        r = inverse_rms(x32, eps)
+        x_hat = x32 * r
         ctx.save_for_backward(x_hat, r, weight)
         ctx.x_dtype = x.dtype
         return torch.mul(x_hat, weight, out=torch.empty(x_hat.shape, dtype=dtype, device=x.device))
@@ -77,13 +78,6 @@ class _RMSNormFunction(torch.autograd.Function):
         minus_mean = (dy_x_hat @ weight.float()).unsqueeze(-1).div_(-x_hat.shape[-1])  # -mean(dy ⊙ w ⊙ x̂)
         dx = (dy * weight.float()).addcmul_(x_hat, minus_mean).mul_(r)
         return dx.to(ctx.x_dtype), dw, None, None
-
-
-def product_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype a linear layer computes x in: autocast's where it is on for x's device, else x's own."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
 
 
 def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,16 +298,18 @@ class DecoderLayer(nn.Module):
             config.hidden_size, config.intermediate_size)
 
     def forward(self, x, cos, sin, mask, layer_cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = x + self.self_attn(self.input_layernorm(x, product_dtype(x)), cos, sin, mask, layer_cache)
-        mlp_out = self.mlp(self.post_attention_layernorm(x, product_dtype(x)))
+        dtype = product_dtype(x)  # the norms write what the products they feed compute in
+        x = x + self.self_attn(self.input_layernorm(x, dtype), cos, sin, mask, layer_cache)
+        mlp_out = self.mlp(self.post_attention_layernorm(x, dtype))
         if isinstance(mlp_out, tuple):
             return x + mlp_out[0], mlp_out[1]
         return x + mlp_out, None
 
     def forward_shared(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """The layer on the packed real tokens of prompts + continuations (dense FFN only)."""
-        x = x + self.self_attn.forward_shared(self.input_layernorm(x, product_dtype(x)), layout)
-        return x + self.mlp(self.post_attention_layernorm(x, product_dtype(x)))
+        dtype = product_dtype(x)
+        x = x + self.self_attn.forward_shared(self.input_layernorm(x, dtype), layout)
+        return x + self.mlp(self.post_attention_layernorm(x, dtype))
 
 
 @dataclass
