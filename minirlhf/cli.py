@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .config import ConfigError, describe, load_stage_config, parse_overrides
 from .data.formats import DataError
 from .errors import SetupError, blocked_pickle_reason, one_line
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    keep_freed_memory()  # the command owns this process: each step reuses what the last one freed (allocator.py)
     try:
         if args.command in STAGES:
             return _stage_command(args.command, args)
