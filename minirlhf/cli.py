@@ -13,7 +13,9 @@ import pickle
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from .allocator import keep_freed_memory
 from .config import ConfigError, describe, load_stage_config, parse_overrides
@@ -43,6 +45,35 @@ def _on_sigterm(signum: int, frame: object) -> None:
     # How Slurm, Docker and Kubernetes stop a job: handled like Ctrl-C, so the step in flight is abandoned,
     # the last checkpoint stays intact, and the user is told how to resume.
     raise KeyboardInterrupt("stopped by SIGTERM")
+
+
+class _StopAgainIfSwallowed:
+    """`sys.unraisablehook`: a KeyboardInterrupt from Ctrl-C or SIGTERM that lands while a finalizer runs (an object's
+    `__del__`, a generator the garbage collector closes) cannot leave it; Python prints it ("Exception ignored in")
+    and the run goes on as if no stop had been asked for. Raise the same signal again, a moment later from another
+    thread, so that its handler raises in the main flow (raised from here, it would land in this hook, which cannot
+    raise either). Anything else goes to the hook that was in place."""
+
+    def __init__(self, previous: Callable[[Any], object]) -> None:
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:  # a sys.UnraisableHookArgs
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            stop = signal.SIGTERM if Interrupted.status_of(unraisable.exc_value) == 143 else signal.SIGINT
+            again = threading.Timer(0.01, signal.raise_signal, [stop])
+            again.daemon = True
+            again.start()
+        else:
+            self.previous(unraisable)
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM handled as Ctrl-C, and no stop lost in a finalizer (signal handlers live in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    if not isinstance(sys.unraisablehook, _StopAgainIfSwallowed):
+        sys.unraisablehook = _StopAgainIfSwallowed(sys.unraisablehook)
 
 
 def _stage_command(stage: str, args: argparse.Namespace) -> int:
@@ -215,8 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and (not hasattr(args, "overrides") or any(x.startswith("-") for x in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = list(getattr(args, "overrides", None) or []) + extra
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _on_sigterm)
+    install_stop_handlers()
     keep_freed_memory()  # the command owns this process: each step reuses what the last one freed (allocator.py)
     try:
         if args.command in STAGES:

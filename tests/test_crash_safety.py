@@ -193,6 +193,37 @@ def test_sigterm_without_checkpoints_does_not_promise_one(tmp_path, start_model_
     assert "intact" not in result.stderr
 
 
+# A stop (SIGTERM or Ctrl-C's SIGINT) that arrives while a finalizer runs: its KeyboardInterrupt cannot leave the
+# finalizer (Python prints "Exception ignored in ..." and goes on); the command's handlers must still stop the run.
+STOP_IN_A_FINALIZER = """
+import os, signal, sys, time
+from minirlhf.cli import install_stop_handlers
+install_stop_handlers()
+class Finalised:
+    def __del__(self):
+        os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+        for _ in range(1000):  # the signal's handler runs here, inside the finalizer
+            pass
+try:
+    Finalised()  # collected at once
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pass
+    print("went on")
+except KeyboardInterrupt as e:
+    print("stopped", e)
+"""
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_that_lands_in_a_finalizer_still_stops_the_run(stop):
+    result = subprocess.run([sys.executable, "-c", STOP_IN_A_FINALIZER, stop], capture_output=True, text=True,
+                            env=ENV, timeout=60)
+    assert result.stdout.startswith("stopped"), (result.stdout, result.stderr)
+    assert ("by SIGTERM" in result.stdout) == (stop == "SIGTERM")
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
 def test_a_failed_write_leaves_no_temporary_dir(tmp_path):
     """A full disk mid-checkpoint: the error propagates, the previous checkpoint stays, no `.tmp-` dir is left."""
     target = tmp_path / "checkpoints" / "step_000002"
