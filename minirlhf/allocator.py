@@ -40,5 +40,5 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # macOS, Windows, musl without this name
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    # mallopt returns 1 on success; a preloaded tcmalloc / jemalloc answers too and keeps its own policy
+    # mallopt returns 1 on success (under a preloaded tcmalloc / jemalloc this sets glibc's unused malloc: harmless)
     return bool(mallopt(M_MMAP_THRESHOLD, LARGEST_HEAP_BLOCK)) and bool(mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
