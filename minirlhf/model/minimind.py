@@ -72,11 +72,11 @@ class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         x_hat, r, weight = ctx.saved_tensors
-        dy = dy.float()
+        dy, w32 = dy.float(), weight.float()
         dy_x_hat = dy * x_hat
         dw = dy_x_hat.reshape(-1, x_hat.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        minus_mean = (dy_x_hat @ weight.float()).unsqueeze(-1).div_(-x_hat.shape[-1])  # -mean(dy ⊙ w ⊙ x̂)
-        dx = (dy * weight.float()).addcmul_(x_hat, minus_mean).mul_(r)
+        minus_mean = (dy_x_hat @ w32).unsqueeze(-1).div_(-x_hat.shape[-1])  # -mean(dy ⊙ w ⊙ x̂)
+        dx = (dy * w32).addcmul_(x_hat, minus_mean).mul_(r)
         return dx.to(ctx.x_dtype), dw, None, None
 
 
