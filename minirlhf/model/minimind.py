@@ -189,7 +189,9 @@ class Attention(nn.Module):
             return (y * layout.cos.to(y.dtype) + _rotate_half(y) * layout.sin.to(y.dtype)).view(n, -1)
 
         def padded(y: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
-            full = y.new_zeros(u * p + b * c, y.shape[1]).index_copy(0, layout.real, y)
+            # zeros on padding (masked keys must be finite: 0 x NaN would reach the outputs); written in place,
+            # which saves the copy of the zeros that the out-of-place `index_copy` makes
+            full = y.new_zeros(u * p + b * c, y.shape[1]).index_copy_(0, layout.real, y)
             y_p, y_c = full.split((u * p, b * c))
             return (y_p.view(u, p, heads, self.head_dim).transpose(1, 2),
                     y_c.view(b, c, heads, self.head_dim).transpose(1, 2))
@@ -434,7 +436,7 @@ class MiniMindLM(nn.Module):
             else:
                 x = layer.forward_shared(x, layout)
         hidden = self.norm(x)
-        full = hidden.new_zeros(u * p + b * c, hidden.shape[1]).index_copy(0, real, hidden)  # padding: 0
+        full = hidden.new_zeros(u * p + b * c, hidden.shape[1]).index_copy_(0, real, hidden)  # padding: 0
         prompt_last = full[:u * p].view(u, p, -1)[:, -1]  # (a real token: prompts are left-padded)
         own = full[u * p:].view(b, c, -1)[:, :-1]  # the last position predicts nothing here
         prompt_last = prompt_last.index_select(0, shared.rows).unsqueeze(1)  # each row's copy
