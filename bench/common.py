@@ -43,6 +43,20 @@ def matmul_gflops(hidden: int, rows: int = 4096, repeats: int = 20) -> dict[str,
     return rates
 
 
+def read_bandwidth_gbs(megabytes: float, repeats: int = 10) -> float:
+    """The rate (GB/s) at which this machine reads `megabytes` over and over, as a decode step re-reads its weights
+    and cache every step, at the current torch threads: the best of `repeats` sums over a float32 tensor of that
+    size (a working set that fits the last-level cache is read faster than one that streams from memory)."""
+    x = torch.ones(max(int(megabytes * 2**20) // 4, 1024))
+    x.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return round(x.nbytes / best / 1e9, 1)
+
+
 def quiet_hf(threads: int) -> None:
     """Silence transformers/datasets progress and warnings, and give both engines the same torch threads."""
     import datasets
