@@ -21,14 +21,15 @@ def task_tokenizer(vocab_size: int) -> Tokenizer:
     return train_tokenizer(texts, vocab_size)
 
 
-def matmul_gflops(hidden: int, rows: int = 4096, repeats: int = 20) -> dict[str, float]:
-    """The fp32 rates this machine reaches at the model's shape ((rows, hidden) x (hidden, 2·hidden), the current
-    torch threads), by stock `F.linear` (MKL sgemm on x86; what HF models and TRL use) and by oneDNN (what our
-    model's linears use on non-Intel x86 CPUs, `minirlhf.model.linear`); a training step's GFLOP/s is read against
-    the higher."""
+def matmul_gflops(hidden: int, rows: int = 4096, repeats: int = 20, dtype: torch.dtype = torch.float32
+                  ) -> dict[str, float]:
+    """The rates this machine reaches at the model's shape ((rows, hidden) x (hidden, 2·hidden), the current torch
+    threads, in `dtype`), by stock `F.linear` (fp32: MKL sgemm on x86, what HF models and TRL use; bf16: oneDNN,
+    AMX where the CPU has it) and by oneDNN (what our model's fp32 linears use on non-Intel x86 CPUs,
+    `minirlhf.model.linear`); a step's GFLOP/s is read against the higher."""
     from minirlhf.model.linear import has_onednn_linear, onednn_linear
 
-    x, w = torch.randn(rows, hidden), torch.randn(2 * hidden, hidden)
+    x, w = torch.randn(rows, hidden).to(dtype), torch.randn(2 * hidden, hidden).to(dtype)
     products = {"F.linear": torch.nn.functional.linear}
     if has_onednn_linear():
         products["oneDNN"] = onednn_linear

@@ -26,9 +26,9 @@ On CPU, `step_floor` sets each engine against the least time a decode step can t
 the longer of reading what it must read, every weight matrix (the LM head included) in the engine's precision plus
 the cached keys and values it attends to (ours keeps its cache in float32 in both precisions, HF in the model's
 dtype; the mean over the generation), at the rate this machine re-reads that many bytes (`read_gb_s`: a step's
-weights may stay in the last-level cache from one step to the next), and doing its products at the rate of a
-large product in that precision (`product_gflop_s`). `share_of_floor` is that floor over
-the engine's measured milliseconds per new token (prefill included, so a little below what the decode step alone
+weights may stay in the last-level cache from one step to the next), and doing its products at the rate of a large
+product in that precision (`product_gflop_s`, `common.matmul_gflops`). `share_of_floor` is that floor over the
+engine's measured milliseconds per new token (prefill included, so a little below what the decode step alone
 reaches), and `speedup_ceiling` HF's measured step over our floor: the most any sampler doing our work could be
 faster than HF here.
 """
@@ -44,7 +44,7 @@ import time
 import warnings
 
 import torch
-from common import read_bandwidth_gbs, use_aten_linears
+from common import matmul_gflops, read_bandwidth_gbs, use_aten_linears
 from torch import nn
 
 from minirlhf.generation import SamplingConfig, generate
@@ -73,18 +73,6 @@ def _time_interleaved(engines: dict, runs: int, device: str) -> dict[str, list[f
     return times
 
 
-def product_gflops(hidden: int, dtype: torch.dtype, rows: int = 4096, repeats: int = 10) -> float:
-    """The rate of a large product in `dtype` at the model's width, (rows, hidden) x (hidden, 2·hidden) by
-    `F.linear` (bf16: oneDNN, AMX where the CPU has it): the most a step's products can run at."""
-    x, w = torch.randn(rows, hidden).to(dtype), torch.randn(2 * hidden, hidden).to(dtype)
-    for _ in range(3):
-        torch.nn.functional.linear(x, w)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        torch.nn.functional.linear(x, w)
-    return 2 * rows * hidden * 2 * hidden * repeats / (time.perf_counter() - start) / 1e9
-
-
 def step_floor(model: MiniMindLM, args: argparse.Namespace, dtypes: dict[str, torch.dtype],
                seconds: dict[str, float]) -> dict:
     """Each engine's measured step against the least time a decode step can take here (see the module docstring)."""
@@ -93,7 +81,8 @@ def step_floor(model: MiniMindLM, args: argparse.Namespace, dtypes: dict[str, to
     mean_keys = args.prompt_len + args.new_tokens / 2  # keys attended to, averaged over the decode steps
     cached = config.num_layers * 2 * args.batch * config.num_kv_heads * config.head_dim * mean_keys
     flops = 2 * args.batch * weights + 2 * cached * (config.num_heads // config.num_kv_heads)  # products, attention
-    rates = {name: product_gflops(config.hidden_size, dtype) for name, dtype in dtypes.items()}
+    rates = {name: max(matmul_gflops(config.hidden_size, repeats=10, dtype=dtype).values())
+             for name, dtype in dtypes.items()}
     step_bytes, bandwidth, floor_ms, measured_ms = {}, {}, {}, {}
     for name, dtype in dtypes.items():
         size = torch.finfo(dtype).bits // 8
@@ -105,7 +94,7 @@ def step_floor(model: MiniMindLM, args: argparse.Namespace, dtypes: dict[str, to
             measured_ms[key] = seconds[key] / args.new_tokens * 1e3
     return {
         "read_gb_s": bandwidth,
-        "product_gflop_s": {name: round(rate, 1) for name, rate in rates.items()},
+        "product_gflop_s": rates,
         "gflop_per_step": round(flops / 1e9, 2),
         "bytes_per_step_mb": {k: round(v / 1e6, 1) for k, v in step_bytes.items()},
         "floor_ms_per_step": {k: round(v, 2) for k, v in floor_ms.items()},
